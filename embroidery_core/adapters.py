@@ -1,0 +1,192 @@
+"""Activation-space LoRA on chosen modules, with EmoLoRA's prompt router.
+
+A run's LoRA lives in an :class:`AdapterSet`: one trainable (down, up) pair per target module,
+which blocks are "style blocks", an on/off switch and the router's context. The set never
+touches a model by itself. It hands out replacement ``forward`` functions (:meth:`AdapterSet.
+wrap`) that the caller installs and removes: ComfyUI nodes install them as ModelPatcher object
+patches on a clone, plain torch code with :func:`installed`. Patching ``forward`` rather than
+swapping the module keeps every weight key where ComfyUI expects it, so LoRAs patched upstream
+in the graph, low-VRAM casting and weight wrappers keep working under training.
+
+Why not peft's LoRA layers: they replace the module (``to_q`` becomes a wrapper holding
+``to_q.base_layer``), which renames the weight keys ComfyUI patches by while the wrapper is in
+place, so upstream LoRA patches would silently stop applying to exactly the layers we train.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import block_of
+from .lora_file import StyleLoRA, lora_from_modules
+
+ROUTED_PROJECTIONS = ("attn2.to_k", "attn2.to_v")  # what reads the text context in cross-attention
+
+
+class LoRAAdapter(nn.Module):
+    """delta(x) = (x @ down.T) @ up.T * alpha / rank, computed in x's dtype.
+
+    ``down`` starts Gaussian with std 1/rank (the official EmoLoRA code's PEFT "gaussian" init),
+    ``up`` at zero, so a new adapter changes nothing. Parameters stay float32 (master weights);
+    they are cast to the activation dtype per call, so bf16/fp16 compute keeps fp32 updates.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.down = nn.Parameter(torch.randn(rank, in_features, generator=generator) / rank)
+        self.up = nn.Parameter(torch.zeros(out_features, rank))
+        self.alpha = float(alpha)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.linear(x, self.down.to(x.dtype))
+        return F.linear(hidden, self.up.to(x.dtype)) * (self.alpha / self.rank)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # ModuleDict keys cannot hold dots
+
+
+class AdapterSet(nn.Module):
+    """The LoRA of one training run, plus the switches the EmoLoRA steps need."""
+
+    def __init__(self, targets: dict[str, tuple[int, int]], style_blocks: Iterable[str],
+                 rank: int = 32, alpha: float = 32.0, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.names = sorted(targets)
+        self.adapters = nn.ModuleDict(
+            {_key(n): LoRAAdapter(targets[n][0], targets[n][1], rank, alpha, generator) for n in self.names})
+        self.style_blocks = list(style_blocks)
+        self.routed_modules = {n for n in self.names if self.is_style(n) and n.endswith(ROUTED_PROJECTIONS)}
+        self.enabled = True
+        self.routed_context: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ membership
+    def is_style(self, name: str) -> bool:
+        return block_of(name) in self.style_blocks
+
+    def adapter(self, name: str) -> LoRAAdapter:
+        return self.adapters[_key(name)]
+
+    def style_parameters(self) -> list[nn.Parameter]:
+        return [p for n in self.names if self.is_style(n) for p in self.adapter(n).parameters()]
+
+    def set_trainable(self, which: str) -> None:
+        """``"all"``: every adapter learns (EmoLoRA's design step); ``"style"``: only the
+        style blocks' adapters (embroidery and contrastive steps). Frozen adapters get no
+        gradient at all, so backward stops where the earliest trainable block needs it."""
+        if which not in ("all", "style"):
+            raise ValueError(f"trainable set must be 'all' or 'style', got {which!r}")
+        for n in self.names:
+            self.adapter(n).requires_grad_(which == "all" or self.is_style(n))
+
+    # ------------------------------------------------------------------ switches
+    @contextlib.contextmanager
+    def routed(self, context: torch.Tensor | None):
+        """While active, the style blocks' cross-attention reads ``context`` (the embroidery
+        prompt) instead of the one the model was called with (the design prompt)."""
+        previous, self.routed_context = self.routed_context, context
+        try:
+            yield
+        finally:
+            self.routed_context = previous
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base model theta_0: adapters off, routing unchanged."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    # ------------------------------------------------------------------ installation
+    def wrap(self, name: str, original: Callable) -> Callable:
+        """A replacement ``forward`` for module ``name`` that adds its LoRA (and routes)."""
+        adapter = self.adapter(name)
+        routed = name in self.routed_modules
+
+        def forward(x, *args, **kwargs):
+            if routed and self.routed_context is not None:
+                x = self.routed_context.to(device=x.device, dtype=x.dtype)
+            out = original(x, *args, **kwargs)
+            if self.enabled:
+                out = out + adapter(x).to(out.dtype)
+            return out
+
+        return forward
+
+    # ------------------------------------------------------------------ files
+    def to_style_lora(self, arch: str, metadata: dict[str, str] | None = None,
+                      blocks: Iterable[str] | None = None) -> StyleLoRA:
+        keep = set(blocks) if blocks is not None else None
+        modules = {}
+        for n in self.names:
+            if keep is None or block_of(n) in keep:
+                a = self.adapter(n)
+                modules[n] = (a.down.detach().float().cpu().clone(), a.up.detach().float().cpu().clone(), a.alpha)
+        meta = dict(metadata or {})
+        meta["embroidery.style_blocks"] = ",".join(self.style_blocks)
+        return lora_from_modules(arch, modules, meta)
+
+    def load_style_lora(self, lora: StyleLoRA) -> None:
+        """Continue from a saved LoRA: every module of ours must be in the file, same rank."""
+        missing = [n for n in self.names if n not in lora.modules]
+        if missing:
+            raise ValueError(f"the LoRA to resume lacks {len(missing)} of the {len(self.names)} trained modules "
+                             f"(e.g. {missing[0]}); resume only from a file this trainer wrote")
+        with torch.no_grad():
+            for n in self.names:
+                src, dst = lora.modules[n], self.adapter(n)
+                if src.down.shape != dst.down.shape or src.up.shape != dst.up.shape:
+                    raise ValueError(f"LoRA to resume has rank {src.rank} at {n}, the trainer uses {dst.rank}; "
+                                     "set the same rank as the file")
+                dst.down.copy_(src.down)
+                dst.up.copy_(src.up)
+                dst.alpha = src.alpha
+
+
+def linear_targets(root: nn.Module, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each named Linear under ``root``; a clear error for the rest."""
+    modules = dict(root.named_modules())
+    targets = {}
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"the model has no module {name!r}: is the block list for another model family?")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{name!r} is a {type(module).__name__}, LoRA targets must be Linear layers")
+        targets[name] = (module.in_features, module.out_features)
+    return targets
+
+
+@contextlib.contextmanager
+def installed(root: nn.Module, adapters: AdapterSet):
+    """Install the adapters on a plain torch model for the duration of the block."""
+    modules = dict(root.named_modules())
+    patched = []
+    try:
+        for name in adapters.names:
+            module = modules[name]
+            had_own = "forward" in module.__dict__
+            patched.append((module, had_own, module.__dict__.get("forward")))
+            module.forward = adapters.wrap(name, module.forward)
+        yield adapters
+    finally:
+        for module, had_own, previous in reversed(patched):
+            if had_own:
+                module.forward = previous
+            else:
+                del module.forward

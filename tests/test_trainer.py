@@ -1,0 +1,190 @@
+"""The EmoLoRA trainer on the tiny LDM-layout UNet (CPU, seconds)."""
+import pytest
+import torch
+
+from embroidery_core.adapters import AdapterSet, installed, linear_targets
+from embroidery_core.diffusion import Cond, TorchDenoiser, add_noise, diffusion_loss, target
+from embroidery_core.trainer import (Checkpointer, EmoLoRAConfig, PairLatents, Trainer, _step_loss, export,
+                                     loss_map, resume_point, run_stage1, run_stage2, stage1_iteration)
+
+STYLE = ["input_blocks.5.1", "input_blocks.7.1", "output_blocks.1.1", "output_blocks.2.1"]
+
+
+def make_pair(seed=0, design_tokens=5, emb_tokens=7):
+    g = torch.Generator().manual_seed(seed)
+    design = torch.randn(1, 4, 8, 8, generator=g)
+    embroidery = design + 0.5 * torch.sign(torch.randn(1, 4, 8, 8, generator=g))  # "stitches"
+    return PairLatents(design, embroidery, Cond(torch.randn(1, design_tokens, 32, generator=g)),
+                       Cond(torch.randn(1, emb_tokens, 32, generator=g)))
+
+
+def make_trainer(unet, **overrides):
+    arch = unet.cfg.arch()
+    adapters = AdapterSet(linear_targets(unet, arch.attention_modules()), STYLE, rank=4, alpha=4, seed=1)
+    config = EmoLoRAConfig(**{"learning_rate": 1e-3, **overrides})
+    return Trainer(TorchDenoiser(unet), adapters, config)
+
+
+def snapshot(adapters):
+    return {n: [p.detach().clone() for p in adapters.adapter(n).parameters()] for n in adapters.names}
+
+
+def changed(before, adapters):
+    return {n for n in adapters.names
+            if any(not torch.equal(a, b) for a, b in zip(before[n], adapters.adapter(n).parameters()))}
+
+
+def test_adapters_start_as_identity(tiny_unet):
+    trainer = make_trainer(tiny_unet)
+    pair = make_pair()
+    sigma = torch.tensor([1.0])
+    plain = tiny_unet(pair.design, torch.tensor([500.0]), pair.design_cond.context)
+    with installed(tiny_unet, trainer.adapters):
+        lora = tiny_unet(pair.design, torch.tensor([500.0]), pair.design_cond.context)
+    assert torch.equal(plain, lora)
+    assert "forward" not in tiny_unet.input_blocks[5][1].transformer_blocks[0].attn1.to_q.__dict__
+
+
+def test_embroidery_step_changes_only_style_blocks(tiny_unet):
+    trainer = make_trainer(tiny_unet)
+    pair = make_pair()
+    with installed(tiny_unet, trainer.adapters):
+        stage1_iteration(trainer, pair)  # make `up` non-zero so every gradient path is live
+        before = snapshot(trainer.adapters)
+        noise, sigma = torch.randn_like(pair.design), torch.tensor([2.0])
+        _step_loss(trainer, "style", pair.embroidery, noise, sigma, pair.design_cond, routed=pair.embroidery_cond)
+    moved = changed(before, trainer.adapters)
+    style = {n for n in trainer.adapters.names if trainer.adapters.is_style(n)}
+    assert moved == style
+    assert len(style) == 4 * 8  # 4 blocks x 1 layer x 8 projections
+
+
+def test_design_step_changes_every_adapter(tiny_unet):
+    trainer = make_trainer(tiny_unet)
+    pair = make_pair()
+    with installed(tiny_unet, trainer.adapters):
+        stage1_iteration(trainer, pair)
+        before = snapshot(trainer.adapters)
+        _step_loss(trainer, "all", pair.design, torch.randn_like(pair.design), torch.tensor([2.0]), pair.design_cond)
+    assert changed(before, trainer.adapters) == set(trainer.adapters.names)
+
+
+def test_router_sends_embroidery_prompt_only_to_style_blocks(tiny_unet):
+    trainer = make_trainer(tiny_unet)
+    pair = make_pair(design_tokens=5, emb_tokens=7)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, out.shape[1]))
+             for name, m in tiny_unet.named_modules() if name.endswith(("attn2.to_k", "attn2.to_v"))]
+    try:
+        with installed(tiny_unet, trainer.adapters):
+            trainer.predict(pair.design, torch.tensor([1.0]), pair.design_cond, routed=pair.embroidery_cond)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen, "no cross-attention ran"
+    for name, tokens in seen.items():
+        expected = 7 if trainer.adapters.is_style(name) else 5
+        assert tokens == expected, name
+
+
+def test_unrouted_forward_uses_design_prompt_everywhere(tiny_unet):
+    trainer = make_trainer(tiny_unet)
+    pair = make_pair(design_tokens=5, emb_tokens=7)
+    seen = set()
+    module = tiny_unet.output_blocks[1][1].transformer_blocks[0].attn2.to_k
+    hook = module.register_forward_hook(lambda mod, inp, out: seen.add(out.shape[1]))
+    with installed(tiny_unet, trainer.adapters):
+        trainer.predict(pair.design, torch.tensor([1.0]), pair.design_cond)
+    hook.remove()
+    assert seen == {5}
+
+
+def eval_loss(trainer, pair, x0):
+    g = torch.Generator().manual_seed(1234)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(8):
+            noise = torch.randn(x0.shape, generator=g)
+            sigma = trainer.denoiser.sample_sigma(1, g)
+            out = trainer.predict(add_noise("eps", x0, noise, sigma), sigma, pair.design_cond)
+            total += diffusion_loss(out, target("eps", x0, noise, sigma)).item()
+    return total / 8
+
+
+def test_stage1_loss_decreases_on_fixed_pair(tiny_unet):
+    trainer = make_trainer(tiny_unet, learning_rate=1e-2)
+    pair = make_pair()
+    with installed(tiny_unet, trainer.adapters):
+        before = eval_loss(trainer, pair, pair.design)
+        history = run_stage1(trainer, pair, until=60)
+        after = eval_loss(trainer, pair, pair.design)
+    assert len(history) == 60 and trainer.step == 60
+    # held-out noise draws: the LoRA learned the pair, not the draws it saw
+    assert after < before * 0.95
+    curves = loss_map(history)
+    assert set(curves) == {"design", "embroidery", "loss"} and len(curves["loss"]) == 60
+
+
+def test_stage2_runs_three_steps_and_contrastive_touches_only_style(tiny_unet):
+    trainer = make_trainer(tiny_unet, contrastive_weight=1.0)
+    pair, generated = make_pair(0), [make_pair(1), make_pair(2)]
+    with installed(tiny_unet, trainer.adapters):
+        run_stage1(trainer, pair, until=2)
+        history = run_stage2(trainer, pair, generated, until=5)
+    assert trainer.step == 5 and len(history) == 3
+    for losses in history:
+        assert set(losses) == {"design", "embroidery", "contrastive"}
+        assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_cancel_stops_within_one_step_and_checkpoint_is_complete(tiny_unet, tmp_path):
+    from embroidery_core.lora_file import load_lora, save_lora
+
+    trainer = make_trainer(tiny_unet)
+    pair = make_pair()
+    path = tmp_path / "ckpt.safetensors"
+    checkpoint = Checkpointer(trainer, "sdxl", 1, lambda lora: save_lora(lora, path), every=2)
+
+    class Cancelled(Exception):
+        pass
+
+    def on_step(step, total, losses):
+        checkpoint(step, total, losses)
+        if step == 5:
+            raise Cancelled
+
+    with installed(tiny_unet, trainer.adapters), pytest.raises(Cancelled):
+        run_stage1(trainer, pair, until=10, on_step=on_step)
+    assert trainer.step == 5
+    assert checkpoint.saved == [2, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
+    assert resume_point(load_lora(path, arch="sdxl")) == (1, 4)
+
+
+def test_resume_continues_step_count_and_weights(tiny_unet, tmp_path):
+    from embroidery_core.lora_file import load_lora, save_lora
+
+    pair = make_pair()
+    first = make_trainer(tiny_unet)
+    with installed(tiny_unet, first.adapters):
+        run_stage1(first, pair, until=3)
+    path = save_lora(export(first, "sdxl", 1, {"embroidery.trigger": "emb"}), tmp_path / "a.safetensors")
+
+    lora = load_lora(path, arch="sdxl")
+    stage, step = resume_point(lora)
+    second = make_trainer(tiny_unet)
+    second.adapters.load_style_lora(lora)
+    second.step = step
+    name = second.adapters.names[0]
+    assert torch.equal(second.adapters.adapter(name).up, first.adapters.adapter(name).up)
+    with installed(tiny_unet, second.adapters):
+        history = run_stage1(second, pair, until=5)
+    assert (stage, step) == (1, 3) and len(history) == 2 and second.step == 5
+    assert export(second, "sdxl", 1).metadata["embroidery.step"] == "5"
+
+
+def test_resume_point_refuses_foreign_lora():
+    from embroidery_core.lora_file import StyleLoRA
+
+    with pytest.raises(ValueError, match="no training state"):
+        resume_point(StyleLoRA("sdxl", {}, {}))
