@@ -173,8 +173,11 @@ def linear_targets(root: nn.Module, names: Iterable[str]) -> dict[str, tuple[int
 
 
 @contextlib.contextmanager
-def installed(root: nn.Module, adapters: AdapterSet):
-    """Install the adapters on a plain torch model for the duration of the block."""
+def installed(root: nn.Module, adapters):
+    """Install forward wrappers on a plain torch model for the duration of the block.
+
+    ``adapters`` is anything with ``names`` and ``wrap(name, original)``: an AdapterSet, a
+    block_metric.FeatureRecorder, or gradient checkpointing."""
     modules = dict(root.named_modules())
     patched = []
     try:
@@ -190,3 +193,23 @@ def installed(root: nn.Module, adapters: AdapterSet):
                 module.forward = previous
             else:
                 del module.forward
+
+
+class Checkpointing:
+    """Gradient checkpointing as forward wrappers on whole UNet sub-blocks (ResBlock,
+    SpatialTransformer...): activations inside them are recomputed in backward instead of kept."""
+
+    def __init__(self, root: nn.Module):
+        self.names = [f"{group}.{i}.{j}" for group in ("input_blocks", "output_blocks")
+                      for i, block in enumerate(getattr(root, group)) for j, _ in enumerate(block)]
+        self.names += [f"middle_block.{j}" for j, _ in enumerate(root.middle_block)]
+
+    def wrap(self, name: str, original: Callable) -> Callable:
+        from torch.utils.checkpoint import checkpoint
+
+        def forward(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            return checkpoint(original, *args, use_reentrant=False, **kwargs)
+
+        return forward

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from .adapters import AdapterSet
-from .diffusion import Cond, Denoiser, add_noise, contrastive_loss, diffusion_loss, target
+from .diffusion import Cond, Denoiser, add_noise, contrastive_loss, denoised, diffusion_loss, target
 
 
 @dataclass
@@ -74,12 +74,15 @@ class Trainer:
     compute_dtype: torch.dtype | None = None   # autocast dtype; None = the model's own
     step: int = 0
     optimizer: torch.optim.Optimizer = field(init=False)
+    last_x0: torch.Tensor | None = field(init=False, default=None)  # for previews
 
     def __post_init__(self):
         # One optimizer for all adapters: a step whose frozen adapters have no gradient
         # leaves them (and their weight decay) untouched, as theta_e-only updates require.
         self.optimizer = torch.optim.AdamW(self.adapters.parameters(), lr=self.config.learning_rate,
                                            weight_decay=self.config.weight_decay)
+        # fp16 gradients of small losses underflow; bf16 and fp32 need no scaling.
+        self.scaler = torch.amp.GradScaler() if self.compute_dtype == torch.float16 else None
 
     def generator(self) -> torch.Generator:
         """Noise and timesteps depend only on (seed, step): a resumed run draws what an
@@ -102,8 +105,13 @@ class Trainer:
     def update(self, trainable: str, loss: torch.Tensor) -> torch.Tensor:
         self.adapters.set_trainable(trainable)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -118,9 +126,12 @@ def _draw(trainer: Trainer, like: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def _step_loss(trainer: Trainer, trainable: str, x0, noise, sigma, cond, routed=None, weights=None):
     trainer.adapters.set_trainable(trainable)
     x_t = add_noise(trainer.denoiser.prediction, x0, noise, sigma)
-    out = trainer.predict(x_t, sigma, cond, routed)
-    loss = diffusion_loss(out, target(trainer.denoiser.prediction, x0, noise, sigma), weights)
-    return trainer.update(trainable, loss)
+    # Routing stays on through backward: gradient checkpointing re-runs the forward there.
+    with trainer.adapters.routed(None if routed is None else routed.context):
+        out = trainer.predict(x_t, sigma, cond, routed)
+        trainer.last_x0 = denoised(trainer.denoiser.prediction, out.detach().float(), x_t, sigma)
+        loss = diffusion_loss(out, target(trainer.denoiser.prediction, x0, noise, sigma), weights)
+        return trainer.update(trainable, loss)
 
 
 def stage1_iteration(trainer: Trainer, pair: PairLatents) -> dict[str, torch.Tensor]:
@@ -159,9 +170,10 @@ def stage2_iteration(trainer: Trainer, pair: PairLatents, generated: PairLatents
                    - trainer.predict(z, sigma, batch.design_cond, lora=False)).float()
         emb_base = trainer.predict(z, sigma, batch.design_cond, routed=batch.embroidery_cond, lora=False).float()
     trainer.adapters.set_trainable("style")
-    eps_emb = trainer.predict(z, sigma, batch.design_cond, routed=batch.embroidery_cond).float() - emb_base
-    loss = trainer.config.contrastive_weight * contrastive_loss(eps_emb - eps_des, eps_des, trainer.config.tau)
-    contrastive = trainer.update("style", loss)
+    with trainer.adapters.routed(batch.embroidery_cond.context):
+        eps_emb = trainer.predict(z, sigma, batch.design_cond, routed=batch.embroidery_cond).float() - emb_base
+        loss = trainer.config.contrastive_weight * contrastive_loss(eps_emb - eps_des, eps_des, trainer.config.tau)
+        contrastive = trainer.update("style", loss)
     trainer.step += 1
     return {"design": design, "embroidery": embroidery, "contrastive": contrastive}
 

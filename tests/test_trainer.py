@@ -188,3 +188,26 @@ def test_resume_point_refuses_foreign_lora():
 
     with pytest.raises(ValueError, match="no training state"):
         resume_point(StyleLoRA("sdxl", {}, {}))
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_unet):
+    """Checkpointing recomputes forwards in backward; routing must still be on there."""
+    import copy
+
+    from embroidery_core.adapters import Checkpointing
+
+    pair = make_pair()
+    results = []
+    for use_checkpointing in (False, True):
+        unet = copy.deepcopy(tiny_unet)
+        trainer = make_trainer(unet)
+        with installed(unet, trainer.adapters):
+            stage1_iteration(trainer, pair)
+            if use_checkpointing:
+                with installed(unet, Checkpointing(unet)):
+                    stage1_iteration(trainer, pair)
+            else:
+                stage1_iteration(trainer, pair)
+        results.append({n: p.detach().clone() for n, p in trainer.adapters.named_parameters()})
+    for name in results[0]:
+        assert torch.allclose(results[0][name], results[1][name], atol=1e-6), name

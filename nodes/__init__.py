@@ -1,0 +1,21 @@
+"""ComfyUI nodes of the pack: thin V3 adapters around embroidery_core."""
+from comfy_api.latest import ComfyExtension, io
+
+from .lora_nodes import EmbroideryLoRABlockInspector, EmbroiderySaveStyleLoRA, EmbroideryStyleBlocksLoader
+from .training_nodes import (EmbroideryAnalogyPair, EmbroideryFindStyleBlocks, EmbroideryTrainStage1,
+                             EmbroideryTrainStage2)
+
+NODES: list[type[io.ComfyNode]] = [
+    EmbroideryStyleBlocksLoader,
+    EmbroiderySaveStyleLoRA,
+    EmbroideryLoRABlockInspector,
+    EmbroideryAnalogyPair,
+    EmbroideryFindStyleBlocks,
+    EmbroideryTrainStage1,
+    EmbroideryTrainStage2,
+]
+
+
+class EmbroideryExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

@@ -1,0 +1,146 @@
+"""What every node of the pack shares: custom types, model-family detection, block lists,
+LoRA file lookup and error messages that name the node and the fix."""
+from __future__ import annotations
+
+import os
+import threading
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..embroidery_core import blocks as block_map
+from ..embroidery_core.lora_file import StyleLoRA, load_lora
+
+CATEGORY = "embroidery"
+
+# The in-memory LoRA a trainer produces (embroidery_core.lora_file.StyleLoRA).
+StyleLoRAType = io.Custom("EMBROIDERY_STYLE_LORA")
+# An image-analogy pair (embroidery_core.pair.AnalogyPair).
+AnalogyPairType = io.Custom("EMBROIDERY_ANALOGY_PAIR")
+
+PRESET_CUSTOM = "custom"
+BLOCK_PRESETS = block_map.preset_names() + [PRESET_CUSTOM]
+
+
+class NodeInputError(ValueError):
+    """A user-fixable problem; the message starts with the node's name."""
+
+    def __init__(self, node: str, message: str):
+        super().__init__(f"{node}: {message}")
+
+
+def model_family(model, node: str) -> block_map.Arch:
+    """The block layout of a MODEL (SD1.x/2.x -> sd15, SDXL family -> sdxl), read from the
+    actual UNet config so tiny or distilled variants map their real blocks."""
+    import comfy.model_base
+
+    base = model.model
+    config = getattr(base.model_config, "unet_config", {})
+    if isinstance(base, comfy.model_base.SDXL):
+        family = "sdxl"
+    elif type(base) is comfy.model_base.BaseModel and config.get("adm_in_channels") is None and "num_res_blocks" in config:
+        family = "sd15"
+    else:
+        raise NodeInputError(node, f"{type(base).__name__} models are not supported; "
+                                   "load an SD1.5/SD2.x or SDXL-family checkpoint")
+    try:
+        return block_map.arch_from_unet_config(family, config)
+    except (KeyError, ValueError) as e:
+        raise NodeInputError(node, f"cannot read the UNet layout of this {family} model ({e})") from e
+
+
+def resolve_blocks(preset: str, custom: str, arch: block_map.Arch, node: str) -> list[str]:
+    """A preset name or a custom list (any spelling) -> LDM blocks that exist in this model."""
+    if preset not in BLOCK_PRESETS:
+        raise NodeInputError(node, f"unknown block preset {preset!r}; choose one of {BLOCK_PRESETS}")
+    try:
+        chosen = block_map.parse_block_list(custom) if preset == PRESET_CUSTOM else arch.preset(preset)
+    except ValueError as e:
+        raise NodeInputError(node, str(e)) from e
+    if not chosen:
+        raise NodeInputError(node, "the custom block list is empty; write blocks like 'output_blocks.1.1, input_blocks.8.1'")
+    available = arch.attention_blocks()
+    missing = [b for b in chosen if b not in available]
+    if missing:
+        raise NodeInputError(node, f"this {arch.name} model has no attention block {', '.join(missing)}; "
+                                   f"its attention blocks are {', '.join(available)}")
+    return chosen
+
+
+def parse_block_strengths(text: str, node: str) -> dict[str, float]:
+    """'output_blocks.1.1=0.8, input_blocks.8.1=0' -> {block: strength}."""
+    strengths = {}
+    for part in text.replace(";", ",").replace("\n", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError("missing '='")
+            strengths[block_map.normalize_block(name)] = float(value)
+        except ValueError as e:
+            raise NodeInputError(node, f"cannot read block strength {part!r} ({e}); "
+                                       "write 'output_blocks.1.1=0.8, input_blocks.8.1=0'") from e
+    return strengths
+
+
+# ---------------------------------------------------------------------------- LoRA files
+
+_lora_cache: dict[tuple, StyleLoRA] = {}
+_lora_cache_lock = threading.Lock()
+
+
+def lora_path(name: str, node: str) -> str:
+    try:
+        return folder_paths.get_full_path_or_raise("loras", name)
+    except FileNotFoundError:
+        raise NodeInputError(node, f"LoRA file {name!r} is not in any 'loras' folder; "
+                                   "put it in models/loras and press R to refresh the list") from None
+
+
+def file_fingerprint(path: str) -> str:
+    stat = os.stat(path)
+    return f"{path}:{stat.st_mtime_ns}:{stat.st_size}"
+
+
+def load_lora_file(name: str, arch: str | None, node: str) -> StyleLoRA:
+    """Parse a LoRA from the loras folder once per (file version, family)."""
+    path = lora_path(name, node)
+    key = (file_fingerprint(path), arch)
+    with _lora_cache_lock:
+        if key in _lora_cache:
+            return _lora_cache[key]
+    try:
+        lora = load_lora(path, arch=arch)
+    except ValueError as e:
+        raise NodeInputError(node, str(e)) from e
+    with _lora_cache_lock:
+        if len(_lora_cache) > 16:
+            _lora_cache.clear()
+        _lora_cache[key] = lora
+    return lora
+
+
+def lora_fingerprint(name: str) -> str:
+    """For ``fingerprint_inputs``: re-run when the file on disk changes, not only its name."""
+    try:
+        return file_fingerprint(folder_paths.get_full_path_or_raise("loras", name))
+    except (FileNotFoundError, OSError):
+        return f"missing:{name}"
+
+
+def apply_lora_patches(model, lora: StyleLoRA, strength: float, node: str):
+    """Clone ``model`` and add the LoRA as ordinary weight patches (no sampling overhead)."""
+    import comfy.lora
+    from ..embroidery_core.lora_file import to_kohya_state_dict
+
+    state = to_kohya_state_dict(lora)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(state, key_map, log_missing=False)
+    if len(patches) != len(lora.modules):
+        raise NodeInputError(node, f"only {len(patches)} of {len(lora.modules)} LoRA modules match this model's "
+                                   "weights; is the LoRA for another model family?")
+    patched = model.clone()
+    patched.add_patches(patches, strength)
+    return patched

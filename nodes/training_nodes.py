@@ -1,0 +1,328 @@
+"""EmoLoRA inside the graph: analogy pair, style-block discovery, stage 1 and stage 2."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..embroidery_core import block_metric
+from ..embroidery_core.adapters import AdapterSet, Checkpointing, linear_targets
+from ..embroidery_core.blocks import parse_block_list, preset_names
+from ..embroidery_core.images import bar_chart, flatten_design, side_by_side
+from ..embroidery_core.lora_file import save_lora
+from ..embroidery_core.pair import DEFAULT_RESOLUTION, LATENT_MULTIPLE, build_pair
+from ..embroidery_core.trainer import (Checkpointer, EmoLoRAConfig, PairLatents, Trainer, export, loss_map,
+                                       resume_point, run_stage1, run_stage2)
+from . import comfy_training as ct
+from .common import (CATEGORY, AnalogyPairType, NodeInputError, StyleLoRAType, apply_lora_patches,
+                     load_lora_file, lora_fingerprint, model_family, resolve_blocks)
+
+NO_RESUME = "(none)"
+PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
+DEFAULTS = EmoLoRAConfig()
+DEFAULT_STAGE2_SUBJECTS = "red apple\nblue bird\nyellow flower"
+
+
+class EmbroideryAnalogyPair(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EmbroideryAnalogyPair",
+            display_name="Embroidery Analogy Pair",
+            category=f"{CATEGORY}/training",
+            description="Pairs ONE embroidery photo with its flat design (yours, or made here by flattening the "
+                        "photo) and writes the two training prompts.",
+            inputs=[
+                io.Image.Input("reference", tooltip="One photo of an embroidery (the first image of a batch is used)."),
+                io.String.Input("subject", default="flower",
+                                tooltip="What the embroidery shows, in a few words: design prompt 'a <subject>'."),
+                io.String.Input("trigger", default="emb",
+                                tooltip="One new word for the stitch style: embroidery prompt "
+                                        "'a <subject> in <trigger> style'. Use the same word at inference."),
+                io.Int.Input("resolution", default=DEFAULT_RESOLUTION, min=256, max=2048, step=LATENT_MULTIPLE,
+                             tooltip="Longer side of both training images (SDXL: 1024, SD1.5: 512)."),
+                io.Int.Input("colours", default=8, min=2, max=32,
+                             tooltip="Colours of the built-in flattened design (ignored when a design is connected)."),
+                io.Image.Input("design", optional=True,
+                               tooltip="The flat design the embroidery was made from. Leave empty to flatten the "
+                                       "photo, or feed the output of the generative-design template."),
+                io.Mask.Input("mask", optional=True, tooltip="Optional mask of the embroidered subject."),
+            ],
+            outputs=[AnalogyPairType.Output(display_name="pair"),
+                     io.Image.Output(display_name="preview", tooltip="Embroidery and design side by side."),
+                     io.Image.Output(display_name="design", tooltip="The design used for training.")],
+        )
+
+    @classmethod
+    def execute(cls, reference, subject, trigger, resolution, colours, design=None, mask=None) -> io.NodeOutput:
+        try:
+            pair = build_pair(reference, design, mask, subject, trigger, resolution, colours)
+        except ValueError as e:
+            raise NodeInputError("Embroidery Analogy Pair", str(e)) from e
+        preview = side_by_side([pair.embroidery, pair.design])
+        return io.NodeOutput(pair, preview, pair.design, ui=ui.PreviewImage(preview, cls=cls))
+
+
+def _encode_pair(model, clip, vae, pair, device) -> PairLatents:
+    height, width = pair.embroidery.shape[1:3]
+    return PairLatents(
+        ct.encode_image(vae, model, pair.design, device), ct.encode_image(vae, model, pair.embroidery, device),
+        ct.encode_prompt(clip, model, pair.design_prompt, height, width, device),
+        ct.encode_prompt(clip, model, pair.embroidery_prompt, height, width, device))
+
+
+def _style_blocks(text: str, arch, node: str) -> list[str]:
+    text = text.strip()
+    preset = text if text in preset_names() else "custom"
+    return resolve_blocks(preset, text, arch, node)
+
+
+class EmbroideryFindStyleBlocks(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EmbroideryFindStyleBlocks",
+            display_name="Find Style Blocks",
+            category=f"{CATEGORY}/training",
+            description="EmoLoRA's block-selection metric: ranks attention blocks by how differently they see the "
+                        "embroidery and its design (low self-attention similarity = stitch-sensitive).",
+            inputs=[
+                io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
+                AnalogyPairType.Input("pair"),
+                io.Combo.Input("selection", options=["paper preset", "measured top-k"], default="paper preset",
+                               tooltip="paper preset: return EmoLoRA's four blocks (SDXL; analogues on SD1.5) and "
+                                       "show the measurement; measured top-k: return the k lowest-similarity blocks."),
+                io.Int.Input("top_k", default=4, min=1, max=16, tooltip="How many blocks 'measured top-k' returns."),
+                io.Int.Input("timesteps", default=block_metric.DEFAULT_TIMESTEPS, min=1, max=50,
+                             tooltip="Noise levels averaged over (the paper uses 10)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seed of the shared noise."),
+            ],
+            outputs=[io.String.Output(display_name="style_blocks", tooltip="Block list for the trainers."),
+                     io.String.Output(display_name="ranking"), io.Image.Output(display_name="chart")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, pair, selection, top_k, timesteps, seed) -> io.NodeOutput:
+        node = "Find Style Blocks"
+        arch = model_family(model, node)
+        recorder = block_metric.FeatureRecorder(arch.attention_modules())
+        latents = _encode_pair(model, clip, vae, pair, model.load_device)
+        with ct.training_session(model, recorder, trainable_graph=False) as clone, torch.no_grad():
+            denoiser = ct.ComfyDenoiser(clone)
+            noise = torch.randn(latents.design.shape, generator=torch.Generator().manual_seed(seed)).to(latents.design)
+            run = lambda x_t, sigma: denoiser(x_t, sigma, latents.design_cond)
+            sigmas = block_metric.evenly_spaced(denoiser.sampling.sigmas.float().cpu(), timesteps)
+            similarity = block_metric.measure(run, recorder, latents.design, latents.embroidery, sigmas, noise,
+                                              denoiser.prediction)
+        ranking = block_metric.rank_blocks(similarity)
+        chosen = arch.preset("emolora_style") if selection == "paper preset" else [b for b, _ in ranking[:top_k]]
+        text = block_metric.format_ranking(ranking, chosen)
+        chart = bar_chart([b for b, _ in ranking], [1 - v for _, v in ranking],
+                          title="1 - self-attention similarity (higher = more stitch-sensitive)", highlight=set(chosen))
+        return io.NodeOutput(", ".join(chosen), text, chart, ui=ui.PreviewText(text))
+
+
+# ---------------------------------------------------------------------------- trainers
+
+def _trainer_inputs(iterations: int, stage: int) -> list:
+    return [
+        io.Int.Input("iterations", default=iterations, min=1, max=10000,
+                     tooltip=f"Stage-{stage} iterations (official schedule: {iterations})."),
+        io.Float.Input("learning_rate", default=DEFAULTS.learning_rate, min=1e-7, max=1e-2, step=1e-6,
+                       tooltip="AdamW learning rate, constant."),
+        io.Float.Input("weight_decay", default=DEFAULTS.weight_decay, min=0.0, max=1.0, step=1e-3,
+                       tooltip="AdamW weight decay."),
+        io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=0xFFFFFFFF, tooltip="Seed of noise, timesteps and init."),
+        io.Combo.Input("precision", options=PRECISIONS, default="auto",
+                       tooltip="Compute dtype (LoRA weights stay fp32). auto: bf16 where supported, fp32 on CPU."),
+        io.Boolean.Input("gradient_checkpointing", default=True,
+                         tooltip="Recompute activations in backward: much less memory, slower steps."),
+        io.Int.Input("checkpoint_every", default=100, min=0, max=10000,
+                     tooltip="Save a resumable checkpoint to loras/embroidery_checkpoints every N steps (0 = off)."),
+        io.Combo.Input("resume_from", options=[NO_RESUME] + folder_paths.get_filename_list("loras"),
+                       tooltip="Continue from a checkpoint or saved LoRA of this stage; its step count and stage "
+                               "come from the file's metadata."),
+        io.Int.Input("preview_every", default=25, min=1, max=1000, tooltip="Loss text and preview every N steps."),
+    ]
+
+
+def _trainer_outputs() -> list:
+    return [StyleLoRAType.Output(display_name="lora", tooltip="The whole trained LoRA (save it to resume or share)."),
+            io.Model.Output(display_name="model", tooltip="The input model with the LoRA's style blocks applied."),
+            io.LossMap.Output(display_name="loss", tooltip="Per-step losses for LossGraphNode.")]
+
+
+def _checkpoint_saver(pair, stage: int):
+    folder = folder_paths.get_folder_paths("loras")[0]
+    path = os.path.join(folder, "embroidery_checkpoints", f"{pair.trigger}_stage{stage}.safetensors")
+    return lambda lora: save_lora(lora, path)
+
+
+def _metadata(pair, blocks) -> dict[str, str]:
+    return {"embroidery.trigger": pair.trigger, "embroidery.subject": pair.subject,
+            "embroidery.design_prompt": pair.design_prompt, "embroidery.embroidery_prompt": pair.embroidery_prompt,
+            "embroidery.style_blocks": ",".join(blocks), "embroidery.resolution": str(pair.embroidery.shape[2])}
+
+
+def _resume(name: str, arch: str, stage: int, node: str):
+    if name == NO_RESUME:
+        return None, 0
+    lora = load_lora_file(name, arch, node)
+    try:
+        file_stage, step = resume_point(lora)
+    except ValueError as e:
+        raise NodeInputError(node, str(e)) from e
+    if file_stage != stage:
+        raise NodeInputError(node, f"{name} was written by stage {file_stage}; resume it in Train Stage {file_stage}")
+    return lora, step
+
+
+def _train(cls, node, model, adapters, config, pair, latents_fn, stage, start, until, run, kw, extra_meta=None):
+    """Shared body of both trainers: session, progress, checkpoints, outputs."""
+    arch = model_family(model, node)
+    blocks = adapters.style_blocks
+    meta = {**_metadata(pair, blocks), **(extra_meta or {})}
+    providers = [adapters] + ([Checkpointing(model.model.diffusion_model)] if kw["gradient_checkpointing"] else [])
+    latents = latents_fn(model.load_device)
+    with ct.training_session(model, *providers) as clone:
+        denoiser = ct.ComfyDenoiser(clone)
+        adapters.to(denoiser.device)
+        trainer = Trainer(denoiser, adapters, config, ct.compute_dtype(kw["precision"], denoiser.device), step=start)
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        progress = ct.Progress(node_id, start, until, kw["preview_every"], clone, trainer)
+        saver = Checkpointer(trainer, arch.name, stage, _checkpoint_saver(pair, stage), kw["checkpoint_every"], meta)
+        history = run(trainer, latents, until, ct.chain(progress, saver))
+    lora = export(trainer, arch.name, stage, meta)
+    patched = apply_lora_patches(model, lora.filter_blocks(blocks), 1.0, node)
+    return lora, patched, loss_map(history)
+
+
+class EmbroideryTrainStage1(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EmbroideryTrainStage1",
+            display_name="Train Embroidery LoRA (Stage 1)",
+            category=f"{CATEGORY}/training",
+            description="EmoLoRA stage 1: each iteration a design step (whole LoRA) and an embroidery step (style "
+                        "blocks only, which read the embroidery prompt), same noise and timestep.",
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"), AnalogyPairType.Input("pair"),
+                    io.String.Input("style_blocks", default="emolora_style",
+                                    tooltip="A preset name or a block list (e.g. from Find Style Blocks)."),
+                    io.Int.Input("rank", default=DEFAULTS.rank, min=1, max=256, tooltip="LoRA rank (paper: 32)."),
+                    io.Float.Input("alpha", default=DEFAULTS.alpha, min=0.01, max=1024.0, step=0.01,
+                                   tooltip="LoRA alpha; scale = alpha / rank (paper: 32)."),
+                    *_trainer_inputs(DEFAULTS.stage1_iterations, 1)],
+            outputs=_trainer_outputs(),
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, pair, style_blocks, rank, alpha, **kw) -> io.NodeOutput:
+        node = "Train Embroidery LoRA (Stage 1)"
+        arch = model_family(model, node)
+        blocks = _style_blocks(style_blocks, arch, node)
+        config = EmoLoRAConfig(rank=rank, alpha=alpha, learning_rate=kw["learning_rate"],
+                               weight_decay=kw["weight_decay"], stage1_iterations=kw["iterations"], seed=kw["seed"])
+        resume, start = _resume(kw["resume_from"], arch.name, 1, node)
+        with torch.inference_mode(False):
+            targets = linear_targets(model.model.diffusion_model, arch.attention_modules())
+            adapters = AdapterSet(targets, blocks, rank, alpha, seed=config.seed)
+            if resume is not None:
+                adapters.load_style_lora(resume)
+            run = lambda trainer, latents, until, cb: run_stage1(trainer, latents, until, cb)
+            latents_fn = lambda device: _encode_pair(model, clip, vae, pair, device)
+            lora, patched, losses = _train(cls, node, model, adapters, config, pair, latents_fn, 1, start,
+                                           config.stage1_iterations, run, kw)
+        return io.NodeOutput(lora, patched, losses)
+
+
+class EmbroideryTrainStage2(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EmbroideryTrainStage2",
+            display_name="Train Embroidery LoRA (Stage 2)",
+            category=f"{CATEGORY}/training",
+            description="EmoLoRA stage 2: samples complementary pairs with the stage-1 LoRA, then trains on the "
+                        "reference plus one generated pair per iteration with the contrastive loss.",
+            inputs=[io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"), AnalogyPairType.Input("pair"),
+                    StyleLoRAType.Input("lora", tooltip="The stage-1 LoRA."),
+                    io.String.Input("subjects", default=DEFAULT_STAGE2_SUBJECTS, multiline=True,
+                                    tooltip="One subject per line; each gives one generated pair "
+                                            "('a <subject> in <trigger> style'). Official code: 3, paper: 10."),
+                    io.Float.Input("generated_weight", default=DEFAULTS.generated_weight, min=0.0, max=1.0, step=0.01,
+                                   tooltip="Loss weight of a generated pair next to the reference (0.1)."),
+                    io.Float.Input("contrastive_weight", default=DEFAULTS.contrastive_weight, min=0.0, max=1.0,
+                                   step=1e-5, tooltip="Weight of the contrastive loss (1e-4)."),
+                    io.Float.Input("tau", default=DEFAULTS.tau, min=0.01, max=10.0, step=0.01,
+                                   tooltip="Contrastive temperature (1)."),
+                    io.Int.Input("sample_steps", default=30, min=1, max=150,
+                                 tooltip="Sampling steps for each generated image (Euler ancestral)."),
+                    io.Float.Input("cfg", default=7.0, min=0.0, max=30.0, step=0.1, tooltip="CFG of the generated images."),
+                    *_trainer_inputs(DEFAULTS.stage2_iterations, 2)],
+            outputs=_trainer_outputs() + [io.Image.Output(display_name="generated",
+                                                          tooltip="Generated embroideries above their designs.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, pair, lora, subjects, generated_weight, contrastive_weight, tau,
+                sample_steps, cfg, **kw) -> io.NodeOutput:
+        node = "Train Embroidery LoRA (Stage 2)"
+        arch = model_family(model, node)
+        lines = [s.strip() for s in subjects.splitlines() if s.strip()]
+        if not lines:
+            raise NodeInputError(node, "subjects is empty; write one subject per line, e.g. 'red apple'")
+        try:
+            stage, stage1_step = resume_point(lora)
+        except ValueError as e:
+            raise NodeInputError(node, str(e)) from e
+        if stage != 1:
+            raise NodeInputError(node, f"the connected LoRA is from stage {stage}; connect the stage-1 LoRA "
+                                       "(to continue stage 2, use resume_from)")
+        blocks = [b for b in lora.metadata.get("embroidery.style_blocks", "").split(",") if b]
+        rank = max(m.rank for m in lora.modules.values())
+        config = EmoLoRAConfig(rank=rank, learning_rate=kw["learning_rate"], weight_decay=kw["weight_decay"],
+                               stage2_iterations=kw["iterations"], generated_weight=generated_weight,
+                               contrastive_weight=contrastive_weight, tau=tau, seed=kw["seed"])
+        resume, start = _resume(kw["resume_from"], arch.name, 2, node)
+        start = start or stage1_step
+        until = stage1_step + config.stage2_iterations
+        images, designs = _generate(model, clip, vae, pair, lora, lines, sample_steps, cfg, config.seed)
+        with torch.inference_mode(False):
+            adapters = AdapterSet(linear_targets(model.model.diffusion_model, list(lora.modules)), blocks, rank,
+                                  seed=config.seed)
+            adapters.load_style_lora(resume if resume is not None else lora)
+
+            def latents_fn(device):
+                generated = [_encode_generated(model, clip, vae, pair, s, img, des, device)
+                             for s, img, des in zip(lines, images, designs)]
+                return _encode_pair(model, clip, vae, pair, device), generated
+
+            run = lambda trainer, latents, until_, cb: run_stage2(trainer, latents[0], latents[1], until_, cb)
+            trained, patched, losses = _train(cls, node, model, adapters, config, pair, latents_fn, 2, start, until,
+                                              run, kw, {"embroidery.stage2_start": str(stage1_step),
+                                                        "embroidery.stage2_subjects": "|".join(lines)})
+        preview = torch.cat([side_by_side(images, height=images[0].shape[1]),
+                             side_by_side(designs, height=designs[0].shape[1])], dim=1)
+        return io.NodeOutput(trained, patched, losses, preview)
+
+
+def _generate(model, clip, vae, pair, lora, subjects, steps, cfg, seed):
+    """Sample one embroidery per subject with the whole stage-1 LoRA, and flatten each to a design."""
+    full = apply_lora_patches(model, lora, 1.0, "Train Embroidery LoRA (Stage 2)")
+    height, width = pair.embroidery.shape[1:3]
+    images = [ct.sample_image(full, clip, vae, f"a {s} in {pair.trigger} style", height, width, steps, cfg, seed + i)
+              for i, s in enumerate(subjects)]
+    return images, [flatten_design(img) for img in images]
+
+
+def _encode_generated(model, clip, vae, pair, subject, image, design, device) -> PairLatents:
+    height, width = image.shape[1:3]
+    return PairLatents(ct.encode_image(vae, model, design, device), ct.encode_image(vae, model, image, device),
+                       ct.encode_prompt(clip, model, f"a {subject}", height, width, device),
+                       ct.encode_prompt(clip, model, f"a {subject} in {pair.trigger} style", height, width, device))
