@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from .adapters import AdapterSet
+from .blocks import block_of, block_sort_key
 from .diffusion import Cond, Denoiser, add_noise, contrastive_loss, denoised, diffusion_loss, target
 
 
@@ -75,6 +76,9 @@ class Trainer:
     step: int = 0
     optimizer: torch.optim.Optimizer = field(init=False)
     last_x0: torch.Tensor | None = field(init=False, default=None)  # for previews
+    # Blocks whose adapters actually received a gradient, per kind of step ("all" = design,
+    # "style" = embroidery and contrastive): written to the file so anyone can check it.
+    updated_blocks: dict[str, set[str]] = field(init=False, default_factory=lambda: {"all": set(), "style": set()})
 
     def __post_init__(self):
         # One optimizer for all adapters: a step whose frozen adapters have no gradient
@@ -105,15 +109,23 @@ class Trainer:
     def update(self, trainable: str, loss: torch.Tensor) -> torch.Tensor:
         self.adapters.set_trainable(trainable)
         self.optimizer.zero_grad(set_to_none=True)
+        self._backward(loss)
+        self._record_updated(trainable)
         if self.scaler is None:
-            loss.backward()
             self.optimizer.step()
         else:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def _record_updated(self, trainable: str) -> None:
+        for name in self.adapters.names:
+            if any(p.grad is not None for p in self.adapters.adapter(name).parameters()):
+                self.updated_blocks[trainable].add(block_of(name))
 
 
 def _draw(trainer: Trainer, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,6 +235,10 @@ def export(trainer: Trainer, arch: str, stage: int, metadata: dict[str, str] | N
     """The trained LoRA with everything needed to use or resume it in its metadata."""
     meta = {**trainer.config.metadata(), **(metadata or {}),
             "embroidery.method": "emolora", "embroidery.stage": str(stage), "embroidery.step": str(trainer.step)}
+    for kind, key in (("all", "design"), ("style", "embroidery")):
+        previous = [b for b in meta.get(f"embroidery.updated_blocks.{key}", "").split(",") if b]
+        blocks = set(previous) | trainer.updated_blocks[kind]
+        meta[f"embroidery.updated_blocks.{key}"] = ",".join(sorted(blocks, key=block_sort_key))
     return trainer.adapters.to_style_lora(arch, meta)
 
 

@@ -167,6 +167,13 @@ def _metadata(pair, blocks) -> dict[str, str]:
             "embroidery.style_blocks": ",".join(blocks), "embroidery.resolution": str(pair.embroidery.shape[2])}
 
 
+def _history(lora) -> dict[str, str]:
+    """What an earlier run recorded about its updates, carried into the new file."""
+    if lora is None:
+        return {}
+    return {k: v for k, v in lora.metadata.items() if k.startswith("embroidery.updated_blocks.")}
+
+
 def _resume(name: str, arch: str, stage: int, node: str):
     if name == NO_RESUME:
         return None, 0
@@ -236,7 +243,7 @@ class EmbroideryTrainStage1(io.ComfyNode):
             run = lambda trainer, latents, until, cb: run_stage1(trainer, latents, until, cb)
             latents_fn = lambda device: _encode_pair(model, clip, vae, pair, device)
             lora, patched, losses = _train(cls, node, model, adapters, config, pair, latents_fn, 1, start,
-                                           config.stage1_iterations, run, kw)
+                                           config.stage1_iterations, run, kw, _history(resume))
         return io.NodeOutput(lora, patched, losses)
 
 
@@ -305,7 +312,8 @@ class EmbroideryTrainStage2(io.ComfyNode):
 
             run = lambda trainer, latents, until_, cb: run_stage2(trainer, latents[0], latents[1], until_, cb)
             trained, patched, losses = _train(cls, node, model, adapters, config, pair, latents_fn, 2, start, until,
-                                              run, kw, {"embroidery.stage2_start": str(stage1_step),
+                                              run, kw, {**_history(resume or lora),
+                                                        "embroidery.stage2_start": str(stage1_step),
                                                         "embroidery.stage2_subjects": "|".join(lines)})
         preview = torch.cat([side_by_side(images, height=images[0].shape[1]),
                              side_by_side(designs, height=designs[0].shape[1])], dim=1)

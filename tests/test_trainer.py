@@ -211,3 +211,18 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_unet):
         results.append({n: p.detach().clone() for n, p in trainer.adapters.named_parameters()})
     for name in results[0]:
         assert torch.allclose(results[0][name], results[1][name], atol=1e-6), name
+
+
+def test_file_records_which_blocks_each_step_updated(tiny_unet):
+    trainer = make_trainer(tiny_unet)
+    pair, generated = make_pair(0), [make_pair(1)]
+    with installed(tiny_unet, trainer.adapters):
+        run_stage1(trainer, pair, until=2)
+        run_stage2(trainer, pair, generated, until=3)
+    meta = export(trainer, "sdxl", 2).metadata
+    assert meta["embroidery.updated_blocks.embroidery"].split(",") == STYLE
+    assert meta["embroidery.updated_blocks.design"].split(",") == tiny_unet.cfg.arch().attention_blocks()
+    # a resumed run keeps what the earlier file recorded
+    fresh = make_trainer(tiny_unet)
+    merged = export(fresh, "sdxl", 2, {"embroidery.updated_blocks.embroidery": "input_blocks.5.1"}).metadata
+    assert merged["embroidery.updated_blocks.embroidery"] == "input_blocks.5.1"
