@@ -50,7 +50,7 @@ class EmbroideryAnalogyPair(io.ComfyNode):
                 io.String.Input("trigger", default="emb",
                                 tooltip="One new word for the stitch style: embroidery prompt "
                                         "'a <subject> in <trigger> style'. Use the same word at inference."),
-                io.Int.Input("resolution", default=DEFAULT_RESOLUTION, min=256, max=2048, step=LATENT_MULTIPLE,
+                io.Int.Input("resolution", default=DEFAULT_RESOLUTION, min=LATENT_MULTIPLE, max=2048, step=LATENT_MULTIPLE,
                              tooltip="Longer side of both training images (SDXL: 1024, SD1.5: 512)."),
                 io.Int.Input("colours", default=8, min=2, max=32,
                              tooltip="Colours of the built-in flattened design (ignored when a design is connected)."),

@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""Write the UI-format templates in workflows/ from the specs below.
+
+Widget order is taken from a real server's /object_info (stored in
+tests/data/object_info_subset.json, so CI can validate without ComfyUI):
+
+    COMFYUI_PATH=/path/to/ComfyUI python scripts/build_workflows.py            # refresh snapshot + write
+    python scripts/build_workflows.py --offline                                # from the stored snapshot
+    python scripts/build_workflows.py --offline --check                        # exit 1 if files differ
+
+Model file names are the common public ones (README, "Workflows"); tests map them to tiny models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.workflow_format import SNAPSHOT, Node, Note, build, load_snapshot, validate  # noqa: E402
+
+SDXL_CKPT = "sd_xl_base_1.0.safetensors"
+SDXL_CANNY = "controlnet-canny-sdxl-1.0.safetensors"
+SDXL_TILE = "controlnet-tile-sdxl-1.0.safetensors"
+REFERENCE = "example.png"
+NEGATIVE = "lowres, bad anatomy, cropped, worst quality, low quality"
+
+
+def _checkpoint(i, pos, name=SDXL_CKPT):
+    return Node(i, "CheckpointLoaderSimple", pos, {"ckpt_name": name})
+
+
+def _sampler_chain(first, model, clip, vae, prompt, size, pos, prefix):
+    """CLIPTextEncode x2 -> EmptyLatentImage -> KSampler (paper: 30 steps, CFG 7, Euler a) -> decode -> save."""
+    x, y = pos
+    return [
+        Node(first, "CLIPTextEncode", (x, y), {"text": prompt}, {"clip": clip}, title="Prompt"),
+        Node(first + 1, "CLIPTextEncode", (x, y + 220), {"text": NEGATIVE}, {"clip": clip}, title="Negative"),
+        Node(first + 2, "EmptyLatentImage", (x, y + 440), {"width": size, "height": size, "batch_size": 1}),
+        Node(first + 3, "KSampler", (x + 380, y),
+             {"seed": 42, "steps": 30, "cfg": 7.0, "sampler_name": "euler_ancestral", "scheduler": "normal",
+              "denoise": 1.0},
+             {"model": model, "positive": (first, 0), "negative": (first + 1, 0), "latent_image": (first + 2, 0)}),
+        Node(first + 4, "VAEDecode", (x + 760, y), {}, {"samples": (first + 3, 0), "vae": vae}),
+        Node(first + 5, "SaveImage", (x + 1000, y), {"filename_prefix": prefix}, {"images": (first + 4, 0)}),
+    ]
+
+
+TRAIN_NOTE = """EmoLoRA: one embroidery photo -> a style LoRA
+
+1. Load an SDXL checkpoint (SD1.5 works too: set resolution 512).
+2. Load ONE photo of an embroidery in 'Your embroidery photo'.
+3. Analogy Pair: describe what it shows (subject) and pick a trigger word.
+   No design? The node flattens the photo. Better designs: run the template
+   embroidery_design_from_photo and connect its output to 'design'.
+4. Find Style Blocks shows which blocks see the stitches; 'paper preset'
+   returns EmoLoRA's four blocks.
+5. Stage 1 (400 it) and Stage 2 (200 it) train; Save writes loras/embroidery/.
+6. The sampler at the right uses the trained style blocks: prompt
+   '<subject> in <trigger> style'.
+Checkpoints go to loras/embroidery_checkpoints every 100 steps; pick one in
+'resume_from' to continue after a crash or Cancel."""
+
+
+def train_one_shot():
+    trainer = {"learning_rate": 1e-4, "weight_decay": 1e-2, "seed": 42, "precision": "auto",
+               "gradient_checkpointing": True, "checkpoint_every": 100, "preview_every": 25}
+    models = {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "pair": (3, 0)}
+    nodes = [
+        _checkpoint(1, (0, 0)),
+        Node(2, "LoadImage", (0, 260), {"image": REFERENCE}, title="Your embroidery photo"),
+        Node(3, "EmbroideryAnalogyPair", (380, 260),
+             {"subject": "flower", "trigger": "emb", "resolution": 1024, "colours": 8}, {"reference": (2, 0)}),
+        Node(4, "EmbroideryFindStyleBlocks", (760, 0), {"selection": "paper preset", "top_k": 4, "timesteps": 10},
+             models),
+        Node(5, "EmbroideryTrainStage1", (1140, 0), {"rank": 32, "alpha": 32.0, "iterations": 400, **trainer},
+             {**models, "style_blocks": (4, 0)}),
+        Node(6, "EmbroideryTrainStage2", (1520, 0),
+             {"subjects": "red apple\nblue bird\nyellow flower", "iterations": 200, "sample_steps": 30, "cfg": 7.0,
+              **trainer}, {**models, "lora": (5, 0)}),
+        Node(7, "EmbroiderySaveStyleLoRA", (1900, 0), {"filename_prefix": "embroidery/emolora",
+                                                       "style_blocks_only": False}, {"lora": (6, 0)}),
+        Node(8, "LossGraphNode", (1900, 200), {"filename_prefix": "embroidery/loss"}, {"loss": (6, 2)}),
+        Node(9, "PreviewImage", (380, 700), {}, {"images": (3, 1)}, title="Pair preview"),
+        Node(10, "PreviewImage", (760, 560), {}, {"images": (4, 2)}, title="Block ranking"),
+        Node(11, "PreviewImage", (1520, 700), {}, {"images": (6, 3)}, title="Generated pairs"),
+    ]
+    nodes += _sampler_chain(12, (6, 1), (1, 1), (1, 2), "a cat in emb style", 1024, (2300, 0),
+                            "embroidery/emolora_sample")
+    return build(nodes, [Note(TRAIN_NOTE, (0, 620), (360, 420))], INFO)
+
+
+DESIGN_NOTE = """The paper's generative route from an embroidery photo to its flat design
+
+The photo is resized to ~1 megapixel, then img2img towards a flat vector look:
+- canny edges at ControlNet strength 0.2 keep the outlines,
+- a blurred copy (radius 7 = kernel 15) at tile strength 0.8 keeps the colours,
+- 'embroidery' and stitch words are in the negative prompt.
+(The paper used SD3-medium with InstantX ControlNets; any SDXL canny and
+tile ControlNet works here.)
+The design feeds 'design' of Embroidery Analogy Pair, whose preview shows the pair.
+Save the pair node's output or connect this graph in front of the training template."""
+
+
+def design_from_photo():
+    nodes = [
+        _checkpoint(1, (0, 0)),
+        Node(2, "LoadImage", (0, 260), {"image": REFERENCE}, title="Your embroidery photo"),
+        Node(3, "ImageScaleToTotalPixels", (380, 260), {"upscale_method": "lanczos", "megapixels": 1.0},
+             {"image": (2, 0)}),
+        Node(4, "Canny", (760, 260), {"low_threshold": 0.4, "high_threshold": 0.8}, {"image": (3, 0)}),
+        Node(5, "ImageBlur", (760, 460), {"blur_radius": 7, "sigma": 3.0}, {"image": (3, 0)}),
+        Node(6, "ControlNetLoader", (380, 560), {"control_net_name": SDXL_CANNY}),
+        Node(7, "ControlNetLoader", (380, 700), {"control_net_name": SDXL_TILE}),
+        Node(8, "CLIPTextEncode", (380, 0),
+             {"text": "flat vector design, clean lines, uniform colour blocks, simple shapes, plain background"},
+             {"clip": (1, 1)}, title="Design prompt"),
+        Node(9, "CLIPTextEncode", (760, 0),
+             {"text": "embroidery, stitches, thread, fabric texture, photo, shading, 3d, " + NEGATIVE},
+             {"clip": (1, 1)}, title="Negative (embroidery)"),
+        Node(10, "ControlNetApplyAdvanced", (1140, 0), {"strength": 0.2, "start_percent": 0.0, "end_percent": 1.0},
+             {"positive": (8, 0), "negative": (9, 0), "control_net": (6, 0), "image": (4, 0)}, title="Canny 0.2"),
+        Node(11, "ControlNetApplyAdvanced", (1140, 300), {"strength": 0.8, "start_percent": 0.0, "end_percent": 1.0},
+             {"positive": (10, 0), "negative": (10, 1), "control_net": (7, 0), "image": (5, 0)}, title="Tile 0.8"),
+        Node(12, "VAEEncode", (1140, 600), {}, {"pixels": (3, 0), "vae": (1, 2)}),
+        Node(13, "KSampler", (1520, 0), {"seed": 7, "steps": 28, "cfg": 4.0, "sampler_name": "euler",
+                                         "scheduler": "normal", "denoise": 0.9},
+             {"model": (1, 0), "positive": (11, 0), "negative": (11, 1), "latent_image": (12, 0)}),
+        Node(14, "VAEDecode", (1900, 0), {}, {"samples": (13, 0), "vae": (1, 2)}),
+        Node(15, "SaveImage", (2140, 0), {"filename_prefix": "embroidery/design"}, {"images": (14, 0)}),
+        Node(16, "EmbroideryAnalogyPair", (1900, 300),
+             {"subject": "flower", "trigger": "emb", "resolution": 1024, "colours": 8},
+             {"reference": (2, 0), "design": (14, 0)}),
+        Node(17, "PreviewImage", (2280, 300), {}, {"images": (16, 1)}, title="Pair preview"),
+    ]
+    return build(nodes, [Note(DESIGN_NOTE, (0, 620), (360, 360))], INFO)
+
+
+WORKFLOWS = {
+    "embroidery_train_one_shot": train_one_shot,
+    "embroidery_design_from_photo": design_from_photo,
+}
+INFO: dict = {}
+
+
+def live_object_info() -> dict:
+    from tests.integration.server import comfy_server
+
+    with comfy_server(custom_nodes=[("embroidery-style-lora", ROOT)]) as srv:
+        return srv.object_info()
+
+
+def used_types(workflows: dict) -> set[str]:
+    return {n["type"] for wf in workflows.values() for n in wf["nodes"]} - {"Note"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--offline", action="store_true", help="use the stored object_info snapshot")
+    parser.add_argument("--check", action="store_true", help="only compare with the files in workflows/")
+    args = parser.parse_args()
+    full = load_snapshot() if args.offline else live_object_info()
+    INFO.update(full)
+    workflows = {name: make() for name, make in WORKFLOWS.items()}
+    failed = False
+    for name, wf in workflows.items():
+        problems = validate(wf, INFO)
+        if problems:
+            print(f"{name}: " + "; ".join(problems), file=sys.stderr)
+            failed = True
+        path = os.path.join(ROOT, "workflows", f"{name}.json")
+        text = json.dumps(wf, indent=1) + "\n"
+        if args.check:
+            with open(path) as f:
+                if f.read() != text:
+                    print(f"{path} differs from its spec; run scripts/build_workflows.py", file=sys.stderr)
+                    failed = True
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+    if not args.offline and not args.check:
+        snapshot = {t: full[t] for t in sorted(used_types(workflows))}
+        with open(SNAPSHOT, "w") as f:
+            json.dump(snapshot, f, indent=1, sort_keys=True)
+            f.write("\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

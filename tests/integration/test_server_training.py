@@ -1,0 +1,153 @@
+"""Issues 2 and 3 through a real ComfyUI server (main.py --cpu) with the pack in custom_nodes:
+the training graph pair -> stage 1 -> stage 2 -> save -> stock LoraLoader -> KSampler, our
+style-blocks loader in an API prompt, and Cancel in the middle of training."""
+import json
+import os
+import time
+
+import pytest
+
+from embroidery_core import blocks as block_map
+from embroidery_core.lora_file import load_lora
+
+from .server import PromptFailed, comfy_server
+
+pytestmark = pytest.mark.slow
+
+PACK_LINK = "embroidery-style-lora"
+REFERENCE = "embroidery_reference.png"
+
+
+def _write_reference(path):
+    import numpy as np
+    from PIL import Image
+
+    from embroidery_core.toyworld.generator import make_design, render_embroidery
+
+    image, _ = render_embroidery(make_design(3, size=128), "satin", 3)
+    Image.fromarray((np.clip(image, 0, 1) * 255).astype("uint8")).save(path)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt_dir, tiny_sdxl_ckpt, pack_dir):
+    with comfy_server(custom_nodes=[(PACK_LINK, pack_dir)], models_dir=tiny_ckpt_dir) as srv:
+        _write_reference(os.path.join(srv.base_dir, "input", REFERENCE))
+        yield srv
+
+
+def training_graph(ckpt, prefix, style_blocks="emolora_style", stage1=3, stage2=2):
+    trainer = {"learning_rate": 1e-4, "weight_decay": 1e-2, "seed": 42, "precision": "auto",
+               "gradient_checkpointing": True, "checkpoint_every": 0, "resume_from": "(none)", "preview_every": 1}
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": REFERENCE}},
+        "3": {"class_type": "EmbroideryAnalogyPair", "inputs": {
+            "reference": ["2", 0], "subject": "flower", "trigger": "emb", "resolution": 64, "colours": 6}},
+        "4": {"class_type": "EmbroideryTrainStage1", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "pair": ["3", 0], "style_blocks": style_blocks,
+            "rank": 4, "alpha": 4.0, "iterations": stage1, **trainer}},
+        "5": {"class_type": "EmbroideryTrainStage2", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "pair": ["3", 0], "lora": ["4", 0],
+            "subjects": "red apple\nblue bird", "generated_weight": 0.1, "contrastive_weight": 1e-4, "tau": 1.0,
+            "sample_steps": 2, "cfg": 5.0, "iterations": stage2, **trainer}},
+        "6": {"class_type": "EmbroiderySaveStyleLoRA", "inputs": {
+            "lora": ["5", 0], "filename_prefix": prefix, "style_blocks_only": False}},
+        "7": {"class_type": "LossGraphNode", "inputs": {"loss": ["5", 2], "filename_prefix": "embroidery_loss"}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "a flower in emb style", "clip": ["1", 1]}},
+        "9": {"class_type": "CLIPTextEncode", "inputs": {"text": "lowres", "clip": ["1", 1]}},
+        "10": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "11": {"class_type": "KSampler", "inputs": {
+            "model": ["5", 1], "positive": ["8", 0], "negative": ["9", 0], "latent_image": ["10", 0],
+            "seed": 1, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "12": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}},
+        "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": "embroidery_it"}},
+    }
+
+
+def sampling_graph(ckpt, loader):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": loader,
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat in emb style", "clip": ["1", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "lowres", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {
+            "model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
+            "seed": 3, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "embroidery_load"}},
+    }
+
+
+def test_pack_nodes_in_object_info_without_import_errors(server):
+    info = server.object_info()
+    for node_id in ("EmbroideryStyleBlocksLoader", "EmbroiderySaveStyleLoRA", "EmbroideryLoRABlockInspector",
+                    "EmbroideryAnalogyPair", "EmbroideryFindStyleBlocks", "EmbroideryTrainStage1",
+                    "EmbroideryTrainStage2"):
+        assert node_id in info, node_id
+    ours = [line for line in server.log_text().splitlines() if PACK_LINK in line]
+    assert ours, "the server log does not mention the pack at all"
+    assert not [line for line in ours if "IMPORT FAILED" in line or "Cannot import" in line], ours
+
+
+def _saved_lora_path(server, history):
+    name = next(o["text"][0] for o in history["outputs"].values() if "text" in o).removeprefix("saved ")
+    roots = [os.path.join(server.base_dir, "models", "loras")]
+    return name, next(os.path.join(r, name) for r in roots if os.path.isfile(os.path.join(r, name)))
+
+
+@pytest.mark.parametrize("family,ckpt", [("sd15", "tiny_sd15.safetensors"), ("sdxl", "tiny_sdxl.safetensors")])
+def test_training_graph_then_stock_loraloader(server, family, ckpt):
+    history = server.run(training_graph(ckpt, f"embroidery/it_{family}"), timeout=900)
+    images = server.output_images(history)
+    assert any("embroidery_it" in p for p in images) and any("embroidery_loss" in p for p in images)
+    name, path = _saved_lora_path(server, history)
+
+    lora = load_lora(path)
+    meta = lora.metadata
+    style = block_map.get_arch(family).preset("emolora_style")
+    assert lora.arch == family
+    assert (meta["embroidery.stage"], meta["embroidery.step"]) == ("2", "5")
+    assert meta["embroidery.updated_blocks.embroidery"].split(",") == style  # embroidery steps: style blocks only
+    assert len(meta["embroidery.updated_blocks.design"].split(",")) > len(style)
+    assert meta["embroidery.trigger"] == "emb" and meta["ss_network_dim"] == "4"
+
+    server.free()
+    before = len(server.log_text())
+    stock = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": name,
+                                                    "strength_model": 1.0, "strength_clip": 1.0}}
+    server.run(sampling_graph(ckpt, stock), timeout=300)
+    assert "lora key not loaded" not in server.log_text()[before:]
+
+
+def test_api_prompt_with_style_blocks_loader(server):
+    history = server.run(training_graph("tiny_sd15.safetensors", "embroidery/for_loader", stage1=1, stage2=2),
+                         timeout=600)
+    name, _ = _saved_lora_path(server, history)
+    loader = {"class_type": "EmbroideryStyleBlocksLoader", "inputs": {
+        "model": ["1", 0], "lora_name": name, "blocks": "emolora_style", "custom_blocks": "", "strength": 1.0}}
+    result = server.run(sampling_graph("tiny_sd15.safetensors", loader), timeout=300)
+    assert len(server.output_images(result)) == 1
+
+    bad = json.loads(json.dumps(sampling_graph("tiny_sd15.safetensors", loader)))
+    bad["2"]["inputs"]["blocks"] = "custom"
+    bad["2"]["inputs"]["custom_blocks"] = "output_blocks.0.1"  # SD1.5 has no attention there
+    with pytest.raises(PromptFailed, match="Load Style Blocks of a LoRA: this sd15 model has no attention block"):
+        server.run(bad, timeout=120)
+
+
+def test_cancel_stops_training_and_leaves_no_file(server):
+    loras = os.path.join(server.base_dir, "models", "loras")
+    before = {os.path.join(d, f) for d, _, files in os.walk(loras) for f in files}
+    graph = training_graph("tiny_sd15.safetensors", "embroidery/cancelled", stage1=400)
+    graph["4"]["inputs"]["preview_every"] = 1
+    prompt_id = server.post_prompt(graph)
+    deadline = time.time() + 300
+    while "embroidery training step 2/400" not in server.log_text():
+        assert time.time() < deadline, server.log_tail()
+        time.sleep(0.2)
+    server.request("/interrupt", {})
+    with pytest.raises(PromptFailed, match="interrupted"):
+        server.wait(prompt_id, timeout=120)
+    after = {os.path.join(d, f) for d, _, files in os.walk(loras) for f in files}
+    assert after == before  # no LoRA, no checkpoint (checkpoint_every 0), no temp file

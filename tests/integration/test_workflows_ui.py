@@ -1,0 +1,101 @@
+"""Every template in workflows/ loads in the real ComfyUI frontend (headless Chromium) with no
+missing node, queues, and runs to a saved image on tiny random-weight models. The public model
+names in the files are mapped to the tiny ones, and sizes/steps are shrunk for CPU."""
+import copy
+import glob
+import json
+import os
+
+import pytest
+
+from embroidery_core.lora_file import load_lora
+from tests.workflow_format import load_snapshot, set_widget, widget_slots
+
+from .server import comfy_server
+from .test_server_training import PACK_LINK, _write_reference
+from .ui import run_ui_workflow, ui_unavailable_reason
+
+pytestmark = [pytest.mark.slow, pytest.mark.ui]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+REFERENCE = "embroidery_reference.png"
+TINY = {"sd15": {"ckpt": "tiny_sd15.safetensors", "controlnet": "tiny_sd15_controlnet.safetensors"},
+        "sdxl": {"ckpt": "tiny_sdxl.safetensors", "controlnet": "tiny_sdxl_controlnet.safetensors"}}
+# (node type, widget) -> value small enough for a CPU run
+SHRINK = {
+    ("EmbroideryAnalogyPair", "resolution"): 64, ("EmbroideryFindStyleBlocks", "timesteps"): 2,
+    ("EmbroideryTrainStage1", "iterations"): 2, ("EmbroideryTrainStage1", "rank"): 4,
+    ("EmbroideryTrainStage1", "alpha"): 4.0, ("EmbroideryTrainStage1", "checkpoint_every"): 1,
+    ("EmbroideryTrainStage1", "preview_every"): 1,
+    ("EmbroideryTrainStage2", "iterations"): 1, ("EmbroideryTrainStage2", "sample_steps"): 2,
+    ("EmbroideryTrainStage2", "subjects"): "red apple\nblue bird", ("EmbroideryTrainStage2", "checkpoint_every"): 0,
+    ("KSampler", "steps"): 2, ("EmptyLatentImage", "width"): 64, ("EmptyLatentImage", "height"): 64,
+    ("ImageScaleToTotalPixels", "megapixels"): 0.01,
+}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt_dir, tiny_sdxl_ckpt, pack_dir):
+    reason = ui_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with comfy_server(custom_nodes=[(PACK_LINK, pack_dir)], models_dir=tiny_ckpt_dir) as srv:
+        _write_reference(os.path.join(srv.base_dir, "input", REFERENCE))
+        yield srv
+
+
+def retarget(workflow, family, info):
+    wf = copy.deepcopy(workflow)
+    for node in wf["nodes"]:
+        slots = widget_slots(info, node["type"]) if node["type"] in info else []
+        for (kind, name), value in SHRINK.items():
+            if node["type"] == kind and name in slots:
+                set_widget(node, name, value, info)
+        if "ckpt_name" in slots:
+            set_widget(node, "ckpt_name", TINY[family]["ckpt"], info)
+        if "control_net_name" in slots:
+            set_widget(node, "control_net_name", TINY[family]["controlnet"], info)
+        if node["type"] == "LoadImage":
+            set_widget(node, "image", REFERENCE, info)
+    return wf
+
+
+def test_snapshot_matches_the_live_server(server):
+    """tests/data/object_info_subset.json (what CI validates against) is this ComfyUI + pack."""
+    live, stored = server.object_info(), load_snapshot()
+    for node_type, spec in stored.items():
+        assert node_type in live, node_type
+        assert live[node_type]["input_order"] == spec["input_order"], node_type
+        assert live[node_type]["output"] == spec["output"], node_type
+        for section in ("required", "optional"):
+            for name, want in spec["input"].get(section, {}).items():
+                got = live[node_type]["input"][section][name]
+                assert (got[0] if isinstance(got[0], str) else "list") == (want[0] if isinstance(want[0], str) else "list")
+
+
+CASES = [(path, family) for path in WORKFLOWS for family in ("sd15", "sdxl")
+         if not (family == "sd15" and "design_from_photo" in path)]
+
+
+@pytest.mark.parametrize("path,family", CASES, ids=lambda v: os.path.basename(v) if os.path.sep in str(v) else v)
+def test_template_runs_in_the_frontend(server, path, family, tmp_path):
+    info = load_snapshot()
+    with open(path) as f:
+        wf = retarget(json.load(f), family, info)
+    target = tmp_path / os.path.basename(path)
+    target.write_text(json.dumps(wf))
+    report = run_ui_workflow(server, target, tmp_path / "ui", timeout=900)
+    assert report["ok"], json.dumps(report, indent=1)[:4000]
+    assert report["missing_nodes"] == [] and report["page_errors"] == [] and report["dialogs"] == []
+    saved = [i for i in report["images"] if i.get("type") == "output"]
+    assert saved, "the template saved no image"
+    if "train_one_shot" in path:
+        loras = os.path.join(server.base_dir, "models", "loras", "embroidery")
+        newest = max((os.path.join(loras, f) for f in os.listdir(loras)), key=os.path.getmtime)
+        lora = load_lora(newest)
+        assert lora.arch == family and lora.metadata["embroidery.stage"] == "2"
+        style = lora.metadata["embroidery.style_blocks"].split(",")
+        assert lora.metadata["embroidery.updated_blocks.embroidery"].split(",") == style
+        checkpoints = os.listdir(os.path.join(server.base_dir, "models", "loras", "embroidery_checkpoints"))
+        assert "emb_stage1.safetensors" in checkpoints
