@@ -29,6 +29,14 @@ class NodeInputError(ValueError):
         super().__init__(f"{node}: {message}")
 
 
+def check_choice(value: str, options: list[str], name: str, node: str) -> str:
+    """ComfyUI 0.3.64 does not check V3 combo values; a value from an old workflow must not
+    silently mean something else."""
+    if value not in options:
+        raise NodeInputError(node, f"{name} {value!r} is not one of {options}")
+    return value
+
+
 def model_family(model, node: str) -> block_map.Arch:
     """The block layout of a MODEL (SD1.x/2.x -> sd15, SDXL family -> sdxl), read from the
     actual UNet config so tiny or distilled variants map their real blocks."""

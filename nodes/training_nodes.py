@@ -17,11 +17,12 @@ from ..embroidery_core.pair import DEFAULT_RESOLUTION, LATENT_MULTIPLE, build_pa
 from ..embroidery_core.trainer import (Checkpointer, EmoLoRAConfig, PairLatents, Trainer, export, loss_map,
                                        resume_point, run_stage1, run_stage2)
 from . import comfy_training as ct
-from .common import (CATEGORY, AnalogyPairType, NodeInputError, StyleLoRAType, apply_lora_patches,
+from .common import (CATEGORY, AnalogyPairType, NodeInputError, StyleLoRAType, apply_lora_patches, check_choice,
                      load_lora_file, lora_fingerprint, model_family, resolve_blocks)
 
 NO_RESUME = "(none)"
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
+SELECTIONS = ["paper preset", "measured top-k"]
 DEFAULTS = EmoLoRAConfig()
 DEFAULT_STAGE2_SUBJECTS = "red apple\nblue bird\nyellow flower"
 
@@ -99,7 +100,7 @@ class EmbroideryFindStyleBlocks(io.ComfyNode):
                         "embroidery and its design (low self-attention similarity = stitch-sensitive).",
             inputs=[
                 *_model_inputs(),
-                io.Combo.Input("selection", options=["paper preset", "measured top-k"], default="paper preset",
+                io.Combo.Input("selection", options=SELECTIONS, default=SELECTIONS[0],
                                tooltip="paper preset: return EmoLoRA's four blocks (SDXL; analogues on SD1.5) and "
                                        "show the measurement; measured top-k: return the k lowest-similarity blocks."),
                 io.Int.Input("top_k", default=4, min=1, max=16, tooltip="How many blocks 'measured top-k' returns."),
@@ -114,6 +115,7 @@ class EmbroideryFindStyleBlocks(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, pair, selection, top_k, timesteps, seed) -> io.NodeOutput:
         node = "Find Style Blocks"
+        check_choice(selection, SELECTIONS, "selection", node)
         arch = model_family(model, node)
         recorder = block_metric.FeatureRecorder(arch.attention_modules())
         latents = _encode_pair(model, clip, vae, pair, model.load_device)
@@ -197,6 +199,7 @@ def _resume(name: str, arch: str, stage: int, node: str):
 def _train(cls, node, model, adapters, config, pair, latents_fn, stage, start, until, run, kw, extra_meta=None):
     """Shared body of both trainers: session, progress, checkpoints, outputs."""
     arch = model_family(model, node)
+    check_choice(kw["precision"], PRECISIONS, "precision", node)
     blocks = adapters.style_blocks
     meta = {**_metadata(pair, blocks), **(extra_meta or {})}
     providers = [adapters] + ([Checkpointing(model.model.diffusion_model)] if kw["gradient_checkpointing"] else [])
@@ -233,6 +236,10 @@ class EmbroideryTrainStage1(io.ComfyNode):
             outputs=_trainer_outputs(),
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, resume_from=NO_RESUME, **kwargs):
+        return lora_fingerprint(resume_from) if resume_from != NO_RESUME else NO_RESUME
 
     @classmethod
     def execute(cls, model, clip, vae, pair, style_blocks, rank, alpha, **kw) -> io.NodeOutput:
@@ -284,6 +291,10 @@ class EmbroideryTrainStage2(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, resume_from=NO_RESUME, **kwargs):
+        return lora_fingerprint(resume_from) if resume_from != NO_RESUME else NO_RESUME
+
+    @classmethod
     def execute(cls, model, clip, vae, pair, lora, subjects, generated_weight, contrastive_weight, tau,
                 sample_steps, cfg, **kw) -> io.NodeOutput:
         node = "Train Embroidery LoRA (Stage 2)"
@@ -304,8 +315,9 @@ class EmbroideryTrainStage2(io.ComfyNode):
                                stage2_iterations=kw["iterations"], generated_weight=generated_weight,
                                contrastive_weight=contrastive_weight, tau=tau, seed=kw["seed"])
         resume, start = _resume(kw["resume_from"], arch.name, 2, node)
+        stage2_start = int(resume.metadata.get("embroidery.stage2_start", stage1_step)) if resume else stage1_step
         start = start or stage1_step
-        until = stage1_step + config.stage2_iterations
+        until = stage2_start + config.stage2_iterations
         images, designs = _generate(model, clip, vae, pair, lora, lines, sample_steps, cfg, config.seed)
         with torch.inference_mode(False):
             adapters = AdapterSet(linear_targets(model.model.diffusion_model, list(lora.modules)), blocks, rank,
@@ -320,7 +332,7 @@ class EmbroideryTrainStage2(io.ComfyNode):
             run = lambda trainer, latents, until_, cb: run_stage2(trainer, latents[0], latents[1], until_, cb)
             trained, patched, losses = _train(cls, node, model, adapters, config, pair, latents_fn, 2, start, until,
                                               run, kw, {**_history(resume or lora),
-                                                        "embroidery.stage2_start": str(stage1_step),
+                                                        "embroidery.stage2_start": str(stage2_start),
                                                         "embroidery.stage2_subjects": "|".join(lines)})
         preview = torch.cat([side_by_side(images, height=images[0].shape[1]),
                              side_by_side(designs, height=designs[0].shape[1])], dim=1)

@@ -1,0 +1,88 @@
+"""The trainer nodes in-process, inside torch.inference_mode() as ComfyUI runs nodes: resume
+continues the step count from the file's metadata, mistakes are refused with the fix, and the
+shared model is exactly as before (weights, parameter objects, module forwards)."""
+import os
+
+import pytest
+import torch
+
+from embroidery_core.lora_file import load_lora
+
+from .test_pack_and_loras import loras_dir, pack  # noqa: F401  (fixtures)
+from .test_server_training import _write_reference
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy, tiny_ckpt_dir):
+    import comfy.sd
+
+    with torch.inference_mode():
+        out = comfy.sd.load_checkpoint_guess_config(str(tiny_ckpt_dir / "checkpoints" / "tiny_sd15.safetensors"),
+                                                    output_vae=True, output_clip=True)
+    return out[:3]
+
+
+@pytest.fixture(scope="module")
+def pair(pack, tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("ref") / "ref.png"
+    _write_reference(path)
+    image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255)[None]
+    with torch.inference_mode():
+        return pack["EmbroideryAnalogyPair"].execute(image, "flower", "emb", 64, 6).result[0]
+
+
+TRAIN = dict(learning_rate=1e-4, weight_decay=1e-2, seed=1, precision="auto", gradient_checkpointing=True,
+             preview_every=1)
+
+
+def stage1(pack, model, clip, vae, pair, **kw):
+    args = {**TRAIN, "iterations": 2, "checkpoint_every": 0, "resume_from": "(none)", **kw}
+    with torch.inference_mode():
+        return pack["EmbroideryTrainStage1"].execute(model, clip, vae, pair, "emolora_style", 4, 4.0, **args).result
+
+
+def snapshot(model):
+    dm = model.model.diffusion_model
+    return ({k: v.clone() for k, v in dm.state_dict().items()}, {k: id(p) for k, p in dm.named_parameters()},
+            [n for n, m in dm.named_modules() if "forward" in m.__dict__])
+
+
+def test_training_leaves_the_shared_model_exactly_as_it_was(pack, sd15, pair, loras_dir):
+    model, clip, vae = sd15
+    weights, ids, patched = snapshot(model)
+    lora, trained, losses = stage1(pack, model, clip, vae, pair)
+    after_weights, after_ids, after_patched = snapshot(model)
+    assert after_ids == ids and after_patched == patched == []
+    assert all(torch.equal(weights[k], after_weights[k]) for k in weights)
+    assert trained is not model and len(losses["loss"]) == 2
+    assert all(p.is_inference() for p in model.model.diffusion_model.parameters())  # untouched originals
+
+
+def test_resume_continues_from_the_checkpoint_metadata(pack, sd15, pair, loras_dir):
+    model, clip, vae = sd15
+    stage1(pack, model, clip, vae, pair, checkpoint_every=1)
+    checkpoint = loras_dir / "embroidery_checkpoints" / "emb_stage1.safetensors"
+    assert load_lora(checkpoint).metadata["embroidery.step"] == "2"
+    renamed = loras_dir / "any_name_at_all.safetensors"  # the name carries no step count
+    os.replace(checkpoint, renamed)
+    lora, _, losses = stage1(pack, model, clip, vae, pair, iterations=3, resume_from=renamed.name)
+    assert lora.metadata["embroidery.step"] == "3" and len(losses["loss"]) == 1
+
+
+def test_mistakes_are_refused_with_the_fix(pack, sd15, pair, loras_dir):
+    model, clip, vae = sd15
+    lora, _, _ = stage1(pack, model, clip, vae, pair, iterations=1)
+    with pytest.raises(ValueError, match="Train Embroidery LoRA \\(Stage 1\\): precision 'fp8'"):
+        stage1(pack, model, clip, vae, pair, precision="fp8")
+    with pytest.raises(ValueError, match="connect the stage-1 LoRA"):
+        fake = type(lora)(lora.arch, lora.modules, {**lora.metadata, "embroidery.stage": "2"})
+        with torch.inference_mode():
+            pack["EmbroideryTrainStage2"].execute(model, clip, vae, pair, fake, "apple", 0.1, 1e-4, 1.0, 1, 5.0,
+                                                  iterations=1, checkpoint_every=0, resume_from="(none)", **TRAIN)
+    with pytest.raises(ValueError, match="has no attention block output_blocks.0.1"):
+        with torch.inference_mode():
+            pack["EmbroideryTrainStage1"].execute(model, clip, vae, pair, "output_blocks.0.1", 4, 4.0, iterations=1,
+                                                  checkpoint_every=0, resume_from="(none)", **TRAIN)
