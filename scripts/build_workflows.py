@@ -83,7 +83,7 @@ def train_one_shot():
               **trainer}, {**models, "lora": (5, 0)}),
         Node(7, "EmbroiderySaveStyleLoRA", (1900, 0), {"filename_prefix": "embroidery/emolora",
                                                        "style_blocks_only": False}, {"lora": (6, 0)}),
-        Node(8, "LossGraphNode", (1900, 200), {"filename_prefix": "embroidery/loss"}, {"loss": (6, 2)}),
+        Node(8, "LossGraphNode", (1900, 200), {"filename_prefix": "embroidery_loss"}, {"loss": (6, 2)}),
         Node(9, "PreviewImage", (380, 700), {}, {"images": (3, 1)}, title="Pair preview"),
         Node(10, "PreviewImage", (760, 560), {}, {"images": (4, 2)}, title="Block ranking"),
         Node(11, "PreviewImage", (1520, 700), {}, {"images": (6, 3)}, title="Generated pairs"),
@@ -139,9 +139,215 @@ def design_from_photo():
     return build(nodes, [Note(DESIGN_NOTE, (0, 620), (360, 360))], INFO)
 
 
+STYLE_LORA = "embroidery/emolora_00001.safetensors"
+STYLE_LORA_B = "embroidery/emolora_00002.safetensors"
+CONTENT_LORA = "blora_content.safetensors"
+SDXL_SCRIBBLE = "controlnet-scribble-sdxl-1.0.safetensors"
+
+
+def _style_model(i, pos, lora=STYLE_LORA, blocks="emolora_style"):
+    return Node(i, "EmbroideryStyleBlocksLoader", pos,
+                {"lora_name": lora, "blocks": blocks, "custom_blocks": "", "strength": 1.0}, {"model": (1, 0)})
+
+
+def _prompts(first, pos, text, clip=(1, 1)):
+    x, y = pos
+    return [Node(first, "CLIPTextEncode", (x, y), {"text": text}, {"clip": clip}, title="Prompt"),
+            Node(first + 1, "CLIPTextEncode", (x, y + 220), {"text": NEGATIVE}, {"clip": clip}, title="Negative")]
+
+
+def _decode_save(first, pos, samples, prefix, vae=(1, 2)):
+    x, y = pos
+    return [Node(first, "VAEDecode", (x, y), {}, {"samples": samples, "vae": vae}),
+            Node(first + 1, "SaveImage", (x + 240, y), {"filename_prefix": prefix}, {"images": (first, 0)})]
+
+
+def _ksampler(i, pos, model, positive, negative, latent, denoise=1.0, steps=30, cfg=7.0):
+    return Node(i, "KSampler", pos, {"seed": 42, "steps": steps, "cfg": cfg, "sampler_name": "euler_ancestral",
+                                     "scheduler": "normal", "denoise": denoise},
+                {"model": model, "positive": positive, "negative": negative, "latent_image": latent})
+
+
+FROM_DESIGN_NOTE = """Design -> embroidery (the paper's inference)
+
+Load your trained style LoRA (only its style blocks are applied) and a flat design.
+The design is resized to ~1 megapixel, then img2img at strength 0.95 with two
+ControlNets: canny (thresholds 100/200, strength 0.5) and tile (blur kernel 15,
+strength 0.5). Euler ancestral, 30 steps, CFG 7. The colour fix keeps the
+output's lightness and takes the design's colours (a/b in LAB).
+
+Flat stitches (satin, fill): as set here.
+Beads and sequins: canny strength 0, tile 0.4, denoise 0.85, colour fix strength 0.
+Prompt: 'in <trigger> style' (or '<subject> in <trigger> style')."""
+
+
+def embroidery_from_design():
+    nodes = [
+        _checkpoint(1, (0, 0)), _style_model(2, (0, 240)),
+        Node(3, "LoadImage", (0, 480), {"image": REFERENCE}, title="Your design"),
+        Node(4, "ImageScaleToTotalPixels", (380, 480), {"upscale_method": "lanczos", "megapixels": 1.0},
+             {"image": (3, 0)}),
+        Node(5, "Canny", (760, 480), {"low_threshold": 0.39, "high_threshold": 0.78}, {"image": (4, 0)}),
+        Node(6, "ImageBlur", (760, 680), {"blur_radius": 7, "sigma": 3.0}, {"image": (4, 0)}),
+        Node(7, "ControlNetLoader", (380, 760), {"control_net_name": SDXL_CANNY}),
+        Node(8, "ControlNetLoader", (380, 900), {"control_net_name": SDXL_TILE}),
+        *_prompts(9, (380, 0), "a design in emb style"),
+        Node(11, "ControlNetApplyAdvanced", (760, 0), {"strength": 0.5, "start_percent": 0.0, "end_percent": 1.0},
+             {"positive": (9, 0), "negative": (10, 0), "control_net": (7, 0), "image": (5, 0)}, title="Canny 0.5"),
+        Node(12, "ControlNetApplyAdvanced", (1140, 0), {"strength": 0.5, "start_percent": 0.0, "end_percent": 1.0},
+             {"positive": (11, 0), "negative": (11, 1), "control_net": (8, 0), "image": (6, 0)}, title="Tile 0.5"),
+        Node(13, "VAEEncode", (1140, 300), {}, {"pixels": (4, 0), "vae": (1, 2)}),
+        _ksampler(14, (1520, 0), (2, 0), (12, 0), (12, 1), (13, 0), denoise=0.95),
+        Node(15, "VAEDecode", (1900, 0), {}, {"samples": (14, 0), "vae": (1, 2)}),
+        Node(16, "EmbroideryColourFix", (1900, 200), {"strength": 1.0}, {"image": (15, 0), "design": (4, 0)}),
+        Node(17, "SaveImage", (2280, 0), {"filename_prefix": "embroidery/from_design"}, {"images": (16, 0)}),
+    ]
+    return build(nodes, [Note(FROM_DESIGN_NOTE, (0, 1040), (420, 330))], INFO)
+
+
+FROM_TEXT_NOTE = """Text -> embroidery
+
+Loads only the style blocks of your trained LoRA and samples from a prompt:
+'<subject> in <trigger> style' (the trigger word you trained with).
+1024 x 1024, Euler ancestral, 30 steps, CFG 7, as in the paper's text mode."""
+
+
+def embroidery_from_text():
+    nodes = [_checkpoint(1, (0, 0)), _style_model(2, (0, 240)),
+             *_prompts(3, (380, 0), "a cat in emb style"),
+             Node(5, "EmptyLatentImage", (380, 440), {"width": 1024, "height": 1024, "batch_size": 1}),
+             _ksampler(6, (760, 0), (2, 0), (3, 0), (4, 0), (5, 0)),
+             *_decode_save(7, (1140, 0), (6, 0), "embroidery/from_text")]
+    return build(nodes, [Note(FROM_TEXT_NOTE, (0, 480), (360, 200))], INFO)
+
+
+SKETCH_NOTE = """Sketch colourisation through ControlNet
+
+Train the style on an analogy pair whose reference is a coloured picture and whose
+design is its line sketch (e.g. Canny of the picture); then load that style here.
+Your sketch (dark lines on white) is inverted for the scribble ControlNet, which
+keeps its lines; the style blocks add the colouring. Prompt:
+'a <subject> in <trigger> style'."""
+
+
+def sketch_colorization():
+    nodes = [_checkpoint(1, (0, 0)), _style_model(2, (0, 240)),
+             Node(3, "LoadImage", (0, 480), {"image": REFERENCE}, title="Your sketch"),
+             Node(4, "ImageInvert", (380, 480), {}, {"image": (3, 0)}),
+             Node(5, "ControlNetLoader", (380, 620), {"control_net_name": SDXL_SCRIBBLE}),
+             *_prompts(6, (380, 0), "a colourful bird in emb style"),
+             Node(8, "ControlNetApplyAdvanced", (760, 0), {"strength": 0.8, "start_percent": 0.0, "end_percent": 1.0},
+                  {"positive": (6, 0), "negative": (7, 0), "control_net": (5, 0), "image": (4, 0)}),
+             Node(9, "EmptyLatentImage", (760, 300), {"width": 1024, "height": 1024, "batch_size": 1}),
+             _ksampler(10, (1140, 0), (2, 0), (8, 0), (8, 1), (9, 0)),
+             *_decode_save(11, (1520, 0), (10, 0), "embroidery/sketch_colour")]
+    return build(nodes, [Note(SKETCH_NOTE, (0, 760), (380, 240))], INFO)
+
+
+APPEARANCE_NOTE = """Appearance transfer: a photo of an object in the learned look
+
+The photo keeps its shape through a canny ControlNet (strength 0.6) and img2img
+at denoise 0.75; the style blocks carry the appearance (stitches, material).
+Prompt: 'a <subject> in <trigger> style'. Raise denoise for a stronger look,
+lower it to keep more of the photo."""
+
+
+def appearance_transfer():
+    nodes = [_checkpoint(1, (0, 0)), _style_model(2, (0, 240)),
+             Node(3, "LoadImage", (0, 480), {"image": REFERENCE}, title="Your photo"),
+             Node(4, "ImageScaleToTotalPixels", (380, 480), {"upscale_method": "lanczos", "megapixels": 1.0},
+                  {"image": (3, 0)}),
+             Node(5, "Canny", (760, 480), {"low_threshold": 0.39, "high_threshold": 0.78}, {"image": (4, 0)}),
+             Node(6, "ControlNetLoader", (380, 700), {"control_net_name": SDXL_CANNY}),
+             *_prompts(7, (380, 0), "a teapot in emb style"),
+             Node(9, "ControlNetApplyAdvanced", (760, 0), {"strength": 0.6, "start_percent": 0.0, "end_percent": 1.0},
+                  {"positive": (7, 0), "negative": (8, 0), "control_net": (6, 0), "image": (5, 0)}),
+             Node(10, "VAEEncode", (760, 300), {}, {"pixels": (4, 0), "vae": (1, 2)}),
+             _ksampler(11, (1140, 0), (2, 0), (9, 0), (9, 1), (10, 0), denoise=0.75),
+             *_decode_save(12, (1520, 0), (11, 0), "embroidery/appearance")]
+    return build(nodes, [Note(APPEARANCE_NOTE, (0, 800), (380, 220))], INFO)
+
+
+ART_NOTE = """Artistic style transfer, B-LoRA style
+
+Content from one LoRA, style from another: B-LoRA trains both blocks of one image
+jointly; here the content blocks (W4, output_blocks.0.1) come from the content
+LoRA and the style block (W5, output_blocks.1.1) from the style LoRA - an EmoLoRA
+style works too. Prompt: 'a <content word> in <style word> style'.
+alpha_squared reproduces B-LoRA's published strengths (its scale acts squared)."""
+
+
+def artistic_style_transfer():
+    nodes = [_checkpoint(1, (0, 0)),
+             Node(2, "EmbroideryBLoRAMix", (0, 240),
+                  {"content_lora": CONTENT_LORA, "content_blocks": "blora_content", "content_strength": 1.0,
+                   "style_lora": STYLE_LORA, "style_blocks": "blora_style", "style_strength": 1.0,
+                   "alpha_squared": False}, {"model": (1, 0)}),
+             *_prompts(3, (380, 0), "a dog in emb style"),
+             Node(5, "EmptyLatentImage", (380, 440), {"width": 1024, "height": 1024, "batch_size": 1}),
+             _ksampler(6, (760, 0), (2, 0), (3, 0), (4, 0), (5, 0)),
+             *_decode_save(7, (1140, 0), (6, 0), "embroidery/art_style")]
+    return build(nodes, [Note(ART_NOTE, (0, 620), (380, 230))], INFO)
+
+
+MASKED_NOTE = """Two styles in one picture (DiffStyler-style masks)
+
+Style A is applied inside mask 1 (here: the left half), style B inside mask 2
+(the right half); anything no mask covers gets the plain model. Replace the
+solid masks with painted ones: right-click a Load Image node > Open in
+MaskEditor, and connect its MASK output. Masks are resized to the image."""
+
+
+def masked_multi_style():
+    nodes = [_checkpoint(1, (0, 0)),
+             *_prompts(2, (0, 240), "a garden of flowers in emb style"),
+             Node(4, "SolidMask", (0, 700), {"value": 0.0, "width": 1024, "height": 1024}, title="Empty canvas"),
+             Node(5, "SolidMask", (0, 860), {"value": 1.0, "width": 512, "height": 1024}, title="Left half"),
+             Node(6, "MaskComposite", (380, 700), {"x": 0, "y": 0, "operation": "add"},
+                  {"destination": (4, 0), "source": (5, 0)}, title="Mask 1"),
+             Node(7, "InvertMask", (380, 900), {}, {"mask": (6, 0)}, title="Mask 2"),
+             Node(8, "EmbroideryMaskedStyle", (760, 240),
+                  {"blocks": "emolora_style", "custom_blocks": "", "lora_1": STYLE_LORA, "strength_1": 1.0,
+                   "lora_2": STYLE_LORA_B, "strength_2": 1.0},
+                  {"model": (1, 0), "positive": (2, 0), "negative": (3, 0), "mask_1": (6, 0), "mask_2": (7, 0)}),
+             Node(9, "EmptyLatentImage", (760, 700), {"width": 1024, "height": 1024, "batch_size": 1}),
+             _ksampler(10, (1140, 0), (1, 0), (8, 0), (8, 1), (9, 0)),
+             *_decode_save(11, (1520, 0), (10, 0), "embroidery/masked_styles")]
+    return build(nodes, [Note(MASKED_NOTE, (380, 0), (360, 220))], INFO)
+
+
+GUIDANCE_NOTE = """Style guidance (Pair Customization)
+
+Each step: eps = eps(neg) + cfg (eps(pos) - eps(neg)) + w (eps_style(pos) - eps(pos)).
+The style LoRA is switched on only for the extra pass, so the picture follows
+the base model and the style is steered in with weight w (paper: 4, 3 if it
+overfits). start_percent 0.2 applies it only below t = 800, the paper's fallback.
+For several styles, chain this node: each adds one term. Works with any sampler
+and with ControlNet conditioning."""
+
+
+def style_guidance():
+    nodes = [_checkpoint(1, (0, 0)),
+             Node(2, "EmbroideryStyleGuidance", (0, 240),
+                  {"lora_name": STYLE_LORA, "blocks": "emolora_style", "custom_blocks": "", "weight": 4.0,
+                   "lora_strength": 1.0, "start_percent": 0.2, "end_percent": 1.0}, {"model": (1, 0)}),
+             *_prompts(3, (380, 0), "a cat in emb style"),
+             Node(5, "EmptyLatentImage", (380, 440), {"width": 1024, "height": 1024, "batch_size": 1}),
+             _ksampler(6, (760, 0), (2, 0), (3, 0), (4, 0), (5, 0), cfg=5.0),
+             *_decode_save(7, (1140, 0), (6, 0), "embroidery/style_guidance")]
+    return build(nodes, [Note(GUIDANCE_NOTE, (0, 620), (380, 250))], INFO)
+
+
 WORKFLOWS = {
     "embroidery_train_one_shot": train_one_shot,
     "embroidery_design_from_photo": design_from_photo,
+    "embroidery_from_design": embroidery_from_design,
+    "embroidery_from_text": embroidery_from_text,
+    "sketch_colorization_controlnet": sketch_colorization,
+    "appearance_transfer": appearance_transfer,
+    "artistic_style_transfer": artistic_style_transfer,
+    "masked_multi_style": masked_multi_style,
+    "style_guidance": style_guidance,
 }
 INFO: dict = {}
 

@@ -1,0 +1,35 @@
+"""Every node the pack defines has a help page (web/docs/<id>.md) and a README entry, and the
+node ids named in the issues exist (workflows and outside checks depend on them)."""
+import glob
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXED_IDS = {
+    "EmbroideryStyleBlocksLoader", "EmbroiderySaveStyleLoRA", "EmbroideryLoRABlockInspector",
+    "EmbroideryAnalogyPair", "EmbroideryFindStyleBlocks", "EmbroideryTrainStage1", "EmbroideryTrainStage2",
+    "EmbroideryColourFix", "EmbroideryStyleGuidance", "EmbroideryMaskedStyle", "EmbroideryBLoRAMix",
+}
+
+
+def node_ids():
+    ids = set()
+    for path in glob.glob(os.path.join(ROOT, "nodes", "*.py")):
+        with open(path) as f:
+            ids |= set(re.findall(r'node_id="([A-Za-z0-9_]+)"', f.read()))
+    return ids
+
+
+def test_fixed_node_ids_exist():
+    assert FIXED_IDS <= node_ids()
+
+
+def test_every_node_has_a_help_page_and_a_readme_entry():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    for node_id in node_ids():
+        page = os.path.join(ROOT, "web", "docs", f"{node_id}.md")
+        assert os.path.isfile(page), f"missing help page {page}"
+        with open(page) as f:
+            assert f.read().startswith("# "), page
+        assert f"`{node_id}`" in readme, f"README does not mention {node_id}"
