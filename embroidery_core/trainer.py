@@ -65,6 +65,14 @@ class PairLatents:
                            Cond.cat([p.design_cond for p in pairs]), Cond.cat([p.embroidery_cond for p in pairs]))
 
 
+OptimizerFactory = Callable[[list[torch.nn.Parameter], EmoLoRAConfig], torch.optim.Optimizer]
+
+
+def adamw(params: list[torch.nn.Parameter], config: EmoLoRAConfig) -> torch.optim.Optimizer:
+    """The method's optimizer: plain AdamW, state on the parameters' device."""
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
 @dataclass
 class Trainer:
     """Holds what persists across iterations: the adapters, one AdamW and the step count."""
@@ -74,6 +82,7 @@ class Trainer:
     config: EmoLoRAConfig
     compute_dtype: torch.dtype | None = None   # autocast dtype; None = the model's own
     step: int = 0
+    optimizer_factory: OptimizerFactory | None = None  # None = adamw; presets.MemoryPreset swaps it
     optimizer: torch.optim.Optimizer = field(init=False)
     last_x0: torch.Tensor | None = field(init=False, default=None)  # for previews
     # Blocks whose adapters actually received a gradient, per kind of step ("all" = design,
@@ -83,8 +92,7 @@ class Trainer:
     def __post_init__(self):
         # One optimizer for all adapters: a step whose frozen adapters have no gradient
         # leaves them (and their weight decay) untouched, as theta_e-only updates require.
-        self.optimizer = torch.optim.AdamW(self.adapters.parameters(), lr=self.config.learning_rate,
-                                           weight_decay=self.config.weight_decay)
+        self.optimizer = (self.optimizer_factory or adamw)(list(self.adapters.parameters()), self.config)
         # fp16 gradients of small losses underflow; bf16 and fp32 need no scaling.
         self.scaler = torch.amp.GradScaler() if self.compute_dtype == torch.float16 else None
 
@@ -219,13 +227,12 @@ def run_stage2(trainer: Trainer, pair: PairLatents, generated: list[PairLatents]
 
 
 def loss_map(history: list[dict[str, torch.Tensor]]) -> dict[str, list[float]]:
-    """Per-step losses as plain floats, one list per loss; ``loss`` is their sum per step
-    (what ComfyUI's LossGraphNode plots)."""
-    if not history:
-        return {"loss": []}
-    names = list(history[0])
-    out = {name: [float(h[name]) for h in history] for name in names}
-    out["loss"] = [sum(float(h[name]) for name in names) for h in history]
+    """Per-step losses as plain floats, one list per loss (None where a step had no such loss,
+    e.g. ``contrastive`` during stage 1); ``loss`` is the sum per step (what ComfyUI's
+    LossGraphNode plots)."""
+    names = list(dict.fromkeys(name for h in history for name in h))
+    out = {name: [float(h[name]) if name in h else None for h in history] for name in names}
+    out["loss"] = [sum(float(v) for v in h.values()) for h in history]
     return out
 
 
@@ -266,3 +273,38 @@ class Checkpointer:
         if self.every > 0 and (step % self.every == 0 or step == total):
             self.save(export(self.trainer, self.arch, self.stage, self.metadata))
             self.saved.append(step)
+
+
+# ---------------------------------------------------------------------------- the whole pipeline
+
+def train_emolora(denoiser: Denoiser, unet: torch.nn.Module, pair: PairLatents, style_blocks: list[str], arch,
+                  config: EmoLoRAConfig = EmoLoRAConfig(),
+                  generate: Callable[[AdapterSet], list[PairLatents]] | None = None,
+                  on_step: StepCallback | None = None, compute_dtype: torch.dtype | None = None,
+                  gradient_checkpointing: bool = False, metadata: dict[str, str] | None = None):
+    """EmoLoRA from one pair on a plain torch UNet: stage 1, then (if ``generate`` is given)
+    the complementary pairs it returns, sampled while the stage-1 LoRA is installed, and stage 2.
+
+    Returns (the LoRA with its training state in metadata, the loss curves). The ComfyUI
+    trainer nodes run the same Trainer and stage functions on ComfyUI's model.
+    """
+    from .adapters import Checkpointing, installed, linear_targets
+
+    adapters = AdapterSet(linear_targets(unet, arch.attention_modules()), style_blocks, config.rank, config.alpha,
+                          seed=config.seed)
+    trainer = Trainer(denoiser, adapters, config, compute_dtype)
+    history = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(installed(unet, adapters))
+        if gradient_checkpointing:
+            stack.enter_context(installed(unet, Checkpointing(unet)))
+        history += run_stage1(trainer, pair, config.stage1_iterations, on_step)
+        stage = 1
+        if generate is not None and config.stage2_iterations > 0:
+            with torch.no_grad():
+                generated = generate(adapters)
+            history += run_stage2(trainer, pair, generated, config.stage1_iterations + config.stage2_iterations,
+                                  on_step)
+            stage = 2
+    meta = {**(metadata or {}), "embroidery.style_blocks": ",".join(style_blocks)}
+    return export(trainer, arch.name, stage, meta), loss_map(history)

@@ -164,7 +164,12 @@ class Progress:
         try:
             import latent_preview
 
-            self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+            fmt = model.model.latent_format
+            self.previewer = latent_preview.get_previewer(model.load_device, fmt)
+            if self.previewer is None and getattr(fmt, "latent_rgb_factors", None) is not None:
+                # the server runs without previews (the default): a training run still shows one
+                self.previewer = latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors,
+                                                                    getattr(fmt, "latent_rgb_factors_bias", None))
         except Exception as e:  # previews are optional; training is not
             log.debug("no latent previewer: %s", e)
 

@@ -226,3 +226,23 @@ def test_file_records_which_blocks_each_step_updated(tiny_unet):
     fresh = make_trainer(tiny_unet)
     merged = export(fresh, "sdxl", 2, {"embroidery.updated_blocks.embroidery": "input_blocks.5.1"}).metadata
     assert merged["embroidery.updated_blocks.embroidery"] == "input_blocks.5.1"
+
+
+def test_train_emolora_pipeline_runs_both_stages(tiny_unet):
+    from embroidery_core.trainer import train_emolora
+
+    arch = tiny_unet.cfg.arch()
+    calls = []
+
+    def generate(adapters):
+        calls.append(adapters.enabled)
+        return [make_pair(5)]
+
+    config = EmoLoRAConfig(rank=2, alpha=2, stage1_iterations=2, stage2_iterations=1, learning_rate=1e-3)
+    lora, losses = train_emolora(TorchDenoiser(tiny_unet), tiny_unet, make_pair(), STYLE, arch, config, generate,
+                                 metadata={"embroidery.trigger": "emb"})
+    assert calls == [True]  # generated with the stage-1 LoRA switched on
+    assert lora.metadata["embroidery.stage"] == "2" and lora.metadata["embroidery.step"] == "3"
+    assert set(lora.blocks()) == set(arch.attention_blocks()) and lora.metadata["embroidery.trigger"] == "emb"
+    assert len(losses["loss"]) == 3 and "contrastive" in losses
+    assert not any("forward" in m.__dict__ for m in tiny_unet.modules())  # uninstalled afterwards

@@ -86,3 +86,19 @@ def test_mistakes_are_refused_with_the_fix(pack, sd15, pair, loras_dir):
         with torch.inference_mode():
             pack["EmbroideryTrainStage1"].execute(model, clip, vae, pair, "output_blocks.0.1", 4, 4.0, iterations=1,
                                                   checkpoint_every=0, resume_from="(none)", **TRAIN)
+
+
+def test_progress_shows_a_preview_even_without_a_server_preview_method(pack, sd15):
+    import sys
+    from types import SimpleNamespace
+
+    bridge = next(m for n, m in sys.modules.items() if n.endswith(".nodes.comfy_training"))
+    model = sd15[0]
+    seen = []
+    trainer = SimpleNamespace(last_x0=torch.randn(1, 4, 8, 8))
+    progress = bridge.Progress(None, 0, 2, 1, model, trainer)
+    progress.bar.hook = lambda value, total, preview, node_id=None: seen.append((value, total, preview))
+    progress(1, 2, {"design": torch.tensor(0.5)})
+    assert seen and seen[0][:2] == (1, 2)
+    kind, image, _ = seen[0][2]
+    assert kind == "JPEG" and image.size == (8, 8)  # Latent2RGB: one pixel per latent

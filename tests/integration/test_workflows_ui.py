@@ -121,6 +121,14 @@ def test_template_runs_in_the_frontend(server, path, family, tmp_path):
     assert report["missing_nodes"] == [] and report["page_errors"] == [] and report["dialogs"] == []
     saved = [i for i in report["images"] if i.get("type") == "output"]
     assert saved, "the template saved no image"
+    keep = os.environ.get("EMBROIDERY_SCREENSHOTS")  # pictures of the graphs for the README
+    if keep and family == "sdxl":
+        from PIL import Image
+
+        picture = Image.open(report["screenshot"]).convert("RGB")
+        picture.thumbnail((1280, 720))
+        os.makedirs(keep, exist_ok=True)
+        picture.save(os.path.join(keep, os.path.basename(path).replace(".json", ".png")), optimize=True)
     if "train_one_shot" in path:
         loras = os.path.join(server.base_dir, "models", "loras", "embroidery")
         newest = max((os.path.join(loras, f) for f in os.listdir(loras)), key=os.path.getmtime)
