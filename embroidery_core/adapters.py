@@ -15,7 +15,6 @@ place, so upstream LoRA patches would silently stop applying to exactly the laye
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Iterable
 
 import torch

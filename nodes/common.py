@@ -138,6 +138,20 @@ def lora_fingerprint(name: str) -> str:
         return f"missing:{name}"
 
 
+def lora_blocks(model, lora_name: str, preset: str, custom: str, node: str) -> tuple[list[str], StyleLoRA]:
+    """The chosen blocks of a LoRA file, for this model's family; an error that lists the blocks
+    the file does touch when it has none of the chosen ones."""
+    arch = model_family(model, node)
+    chosen = resolve_blocks(preset, custom, arch, node)
+    lora = load_lora_file(lora_name, arch.name, node)
+    selected = lora.filter_blocks(chosen)
+    if not selected.modules:
+        raise NodeInputError(node, f"{lora_name} has no weights in {', '.join(chosen)}; it touches "
+                                   f"{', '.join(lora.blocks()) or 'no UNet block'}. Pick blocks it has "
+                                   "(Inspect LoRA Blocks lists them).")
+    return chosen, selected
+
+
 def apply_lora_patches(model, lora: StyleLoRA, strength: float, node: str):
     """Clone ``model`` and add the LoRA as ordinary weight patches (no sampling overhead)."""
     import comfy.lora

@@ -11,7 +11,7 @@ from ..embroidery_core.images import bar_chart
 from ..embroidery_core.lora_file import save_lora
 from ..embroidery_core.report import block_report
 from .common import (BLOCK_PRESETS, CATEGORY, NodeInputError, StyleLoRAType, apply_lora_patches, load_lora_file,
-                     lora_fingerprint, model_family, parse_block_strengths, resolve_blocks)
+                     lora_blocks, lora_fingerprint, parse_block_strengths)
 
 
 class EmbroideryStyleBlocksLoader(io.ComfyNode):
@@ -55,14 +55,7 @@ class EmbroideryStyleBlocksLoader(io.ComfyNode):
     def execute(cls, model, lora_name, blocks, custom_blocks, strength,
                 block_strengths="", alpha_squared=False) -> io.NodeOutput:
         node = "Load Style Blocks of a LoRA"
-        arch = model_family(model, node)
-        chosen = resolve_blocks(blocks, custom_blocks, arch, node)
-        lora = load_lora_file(lora_name, arch.name, node)
-        selected = lora.filter_blocks(chosen)
-        if not selected.modules:
-            raise NodeInputError(node, f"{lora_name} has no weights in {', '.join(chosen)}; it touches "
-                                       f"{', '.join(lora.blocks()) or 'no UNet block'}. Pick blocks it has "
-                                       "(EmbroideryLoRABlockInspector lists them).")
+        chosen, selected = lora_blocks(model, lora_name, blocks, custom_blocks, node)
         overrides = parse_block_strengths(block_strengths or "", node)
         selected = selected.scaled({**{b: strength for b in chosen}, **overrides}, default=strength,
                                    alpha_squared=alpha_squared)

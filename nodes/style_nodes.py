@@ -14,7 +14,7 @@ from ..embroidery_core.guidance import (StyleGate, check_wrapper_shapes, check_w
 from ..embroidery_core.images import colour_fix
 from ..embroidery_core.lora_file import StyleLoRA, to_kohya_state_dict
 from ..embroidery_core.masks import partition_masks
-from .common import (BLOCK_PRESETS, CATEGORY, NodeInputError, apply_lora_patches, load_lora_file,
+from .common import (BLOCK_PRESETS, CATEGORY, NodeInputError, apply_lora_patches, load_lora_file, lora_blocks,
                      lora_fingerprint, lora_path, model_family, resolve_blocks)
 
 NONE = "(none)"
@@ -33,15 +33,7 @@ def _lora_names() -> list[str]:
 
 def _style_lora(model, lora_name: str, blocks: str, custom_blocks: str, node: str) -> StyleLoRA:
     """The chosen blocks of a LoRA file, for this model's family; an error if it has none there."""
-    arch = model_family(model, node)
-    chosen = resolve_blocks(blocks, custom_blocks, arch, node)
-    lora = load_lora_file(lora_name, arch.name, node)
-    selected = lora.filter_blocks(chosen)
-    if not selected.modules:
-        raise NodeInputError(node, f"{lora_name} has no weights in {', '.join(chosen)}; it touches "
-                                   f"{', '.join(lora.blocks()) or 'no UNet block'}. Pick blocks it has "
-                                   "(Inspect LoRA Blocks lists them).")
-    return selected
+    return lora_blocks(model, lora_name, blocks, custom_blocks, node)[1]
 
 
 # ---------------------------------------------------------------------------- colour fix

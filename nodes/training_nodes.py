@@ -9,11 +9,12 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..embroidery_core import block_metric
-from ..embroidery_core.adapters import AdapterSet, Checkpointing, linear_targets
-from ..embroidery_core.blocks import parse_block_list, preset_names
+from ..embroidery_core.adapters import AdapterSet, linear_targets
+from ..embroidery_core.blocks import preset_names
 from ..embroidery_core.images import bar_chart, flatten_design, side_by_side
 from ..embroidery_core.lora_file import save_lora
 from ..embroidery_core.pair import DEFAULT_RESOLUTION, LATENT_MULTIPLE, build_pair
+from ..embroidery_core.presets import DEFAULT_MEMORY_PRESET, MEMORY_PRESETS, get_memory_preset
 from ..embroidery_core.trainer import (Checkpointer, EmoLoRAConfig, PairLatents, Trainer, export, loss_map,
                                        resume_point, run_stage1, run_stage2)
 from . import comfy_training as ct
@@ -147,8 +148,9 @@ def _trainer_inputs(iterations: int, stage: int) -> list:
         io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=0xFFFFFFFF, tooltip="Seed of noise, timesteps and init."),
         io.Combo.Input("precision", options=PRECISIONS, default="auto",
                        tooltip="Compute dtype (LoRA weights stay fp32). auto: bf16 where supported, fp32 on CPU."),
-        io.Boolean.Input("gradient_checkpointing", default=True,
-                         tooltip="Recompute activations in backward: much less memory, slower steps."),
+        io.Combo.Input("memory_preset", options=list(MEMORY_PRESETS), default=DEFAULT_MEMORY_PRESET,
+                       tooltip="; ".join(f"{name}: {preset.description}" for name, preset in MEMORY_PRESETS.items())
+                               + " Peak memory per preset: docs/PERFORMANCE.md."),
         io.Int.Input("checkpoint_every", default=100, min=0, max=10000,
                      tooltip="Save a resumable checkpoint to loras/embroidery_checkpoints every N steps (0 = off)."),
         io.Combo.Input("resume_from", options=[NO_RESUME] + folder_paths.get_filename_list("loras"),
@@ -200,14 +202,16 @@ def _train(cls, node, model, adapters, config, pair, latents_fn, stage, start, u
     """Shared body of both trainers: session, progress, checkpoints, outputs."""
     arch = model_family(model, node)
     check_choice(kw["precision"], PRECISIONS, "precision", node)
+    preset = get_memory_preset(check_choice(kw["memory_preset"], list(MEMORY_PRESETS), "memory_preset", node))
     blocks = adapters.style_blocks
-    meta = {**_metadata(pair, blocks), **(extra_meta or {})}
-    providers = [adapters] + ([Checkpointing(model.model.diffusion_model)] if kw["gradient_checkpointing"] else [])
+    meta = {**_metadata(pair, blocks), **(extra_meta or {}), "embroidery.memory_preset": kw["memory_preset"]}
+    providers = preset.providers(adapters, model.model.diffusion_model)
     latents = latents_fn(model.load_device)
     with ct.training_session(model, *providers) as clone:
         denoiser = ct.ComfyDenoiser(clone)
         adapters.to(denoiser.device)
-        trainer = Trainer(denoiser, adapters, config, ct.compute_dtype(kw["precision"], denoiser.device), step=start)
+        trainer = Trainer(denoiser, adapters, config, ct.compute_dtype(kw["precision"], denoiser.device), step=start,
+                          optimizer_factory=preset.optimizer_factory)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         progress = ct.Progress(node_id, start, until, kw["preview_every"], clone, trainer)
         saver = Checkpointer(trainer, arch.name, stage, _checkpoint_saver(pair, stage), kw["checkpoint_every"], meta)

@@ -67,7 +67,7 @@ Checkpoints go to loras/embroidery_checkpoints every 100 steps; pick one in
 
 def train_one_shot():
     trainer = {"learning_rate": 1e-4, "weight_decay": 1e-2, "seed": 42, "precision": "auto",
-               "gradient_checkpointing": True, "checkpoint_every": 100, "preview_every": 25}
+               "memory_preset": "balanced", "checkpoint_every": 100, "preview_every": 25}
     models = {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "pair": (3, 0)}
     nodes = [
         _checkpoint(1, (0, 0)),

@@ -37,7 +37,6 @@ def changed(before, adapters):
 def test_adapters_start_as_identity(tiny_unet):
     trainer = make_trainer(tiny_unet)
     pair = make_pair()
-    sigma = torch.tensor([1.0])
     plain = tiny_unet(pair.design, torch.tensor([500.0]), pair.design_cond.context)
     with installed(tiny_unet, trainer.adapters):
         lora = tiny_unet(pair.design, torch.tensor([500.0]), pair.design_cond.context)

@@ -5,6 +5,7 @@ Tiny model files are written once into a cache ($COMFY_IT_MODEL_CACHE, default
 each session gets its own models dir that links to them, so tests may add files
 (LoRAs, ...) to it without touching the cache.
 """
+import asyncio
 import os
 import pathlib
 import tempfile
@@ -70,3 +71,26 @@ def tiny_sdxl_ckpt(tiny_ckpt_dir):
 def pack_dir():
     """The node pack's root folder (the repository root)."""
     return pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def pack(comfy, pack_dir):
+    """The pack loaded through ComfyUI's own loader; its node classes by id."""
+    import sys
+
+    import nodes
+
+    if str(pack_dir).replace(".", "_x_") not in sys.modules:
+        assert asyncio.run(nodes.load_custom_node(str(pack_dir))), "ComfyUI could not load the pack"
+    return {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("Embroidery")}
+
+
+@pytest.fixture
+def loras_dir(comfy, tmp_path):
+    import folder_paths
+
+    folder_paths.add_model_folder_path("loras", str(tmp_path), is_default=True)
+    folder_paths.filename_list_cache.pop("loras", None)
+    yield tmp_path
+    folder_paths.folder_names_and_paths["loras"][0].remove(str(tmp_path))
+    folder_paths.filename_list_cache.pop("loras", None)

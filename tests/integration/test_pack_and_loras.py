@@ -1,7 +1,6 @@
 """Issue 2 in real ComfyUI, in-process: the pack loads through ComfyUI's own loader, its LoRA
 files load in stock LoraLoader with every key mapped, foreign formats load restricted to one
 block, and the block map agrees with ComfyUI's own unet_to_diffusers."""
-import asyncio
 import logging
 
 import pytest
@@ -9,30 +8,10 @@ import torch
 
 from embroidery_core import blocks as block_map
 from embroidery_core.lora_file import lora_from_modules, save_lora
-from embroidery_core.report import block_report
 
 PACK_NODE_IDS = {"EmbroideryStyleBlocksLoader", "EmbroiderySaveStyleLoRA", "EmbroideryLoRABlockInspector",
                  "EmbroideryAnalogyPair", "EmbroideryFindStyleBlocks", "EmbroideryTrainStage1",
                  "EmbroideryTrainStage2"}
-
-
-@pytest.fixture(scope="module")
-def pack(comfy, pack_dir):
-    import nodes
-
-    assert asyncio.run(nodes.load_custom_node(str(pack_dir))), "ComfyUI could not load the pack"
-    return {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("Embroidery")}
-
-
-@pytest.fixture
-def loras_dir(comfy, tmp_path):
-    import folder_paths
-
-    folder_paths.add_model_folder_path("loras", str(tmp_path), is_default=True)
-    folder_paths.filename_list_cache.pop("loras", None)
-    yield tmp_path
-    folder_paths.folder_names_and_paths["loras"][0].remove(str(tmp_path))
-    folder_paths.filename_list_cache.pop("loras", None)
 
 
 def test_pack_registers_every_node_with_a_valid_schema(pack):

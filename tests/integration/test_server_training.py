@@ -37,7 +37,7 @@ def server(tiny_ckpt_dir, tiny_sdxl_ckpt, pack_dir):
 
 def training_graph(ckpt, prefix, style_blocks="emolora_style", stage1=3, stage2=2):
     trainer = {"learning_rate": 1e-4, "weight_decay": 1e-2, "seed": 42, "precision": "auto",
-               "gradient_checkpointing": True, "checkpoint_every": 0, "resume_from": "(none)", "preview_every": 1}
+               "memory_preset": "balanced", "checkpoint_every": 0, "resume_from": "(none)", "preview_every": 1}
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "LoadImage", "inputs": {"image": REFERENCE}},

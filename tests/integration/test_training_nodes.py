@@ -8,7 +8,6 @@ import torch
 
 from embroidery_core.lora_file import load_lora
 
-from .test_pack_and_loras import loras_dir, pack  # noqa: F401  (fixtures)
 from .test_server_training import _write_reference
 
 
@@ -34,7 +33,7 @@ def pair(pack, tmp_path_factory):
         return pack["EmbroideryAnalogyPair"].execute(image, "flower", "emb", 64, 6).result[0]
 
 
-TRAIN = dict(learning_rate=1e-4, weight_decay=1e-2, seed=1, precision="auto", gradient_checkpointing=True,
+TRAIN = dict(learning_rate=1e-4, weight_decay=1e-2, seed=1, precision="auto", memory_preset="balanced",
              preview_every=1)
 
 
