@@ -1,6 +1,7 @@
 """ComfyUI nodes of the pack: thin V3 adapters around embroidery_core."""
 from comfy_api.latest import ComfyExtension, io
 
+from .metrics_nodes import METRICS_NODES
 from .style_nodes import STYLE_NODES
 from .lora_nodes import EmbroideryLoRABlockInspector, EmbroiderySaveStyleLoRA, EmbroideryStyleBlocksLoader
 from .training_nodes import (EmbroideryAnalogyPair, EmbroideryFindStyleBlocks, EmbroideryTrainStage1,
@@ -15,6 +16,7 @@ NODES: list[type[io.ComfyNode]] = [
     EmbroideryTrainStage1,
     EmbroideryTrainStage2,
     *STYLE_NODES,
+    *METRICS_NODES,
 ]
 
 
