@@ -33,3 +33,13 @@ def test_every_node_has_a_help_page_and_a_readme_entry():
         with open(page) as f:
             assert f.read().startswith("# "), page
         assert f"`{node_id}`" in readme, f"README does not mention {node_id}"
+
+
+def test_readme_pictures_exist_for_every_template():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
+    for picture in pictures:
+        assert os.path.isfile(os.path.join(ROOT, picture)), picture
+    templates = {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "workflows", "*.json"))}
+    assert templates == {os.path.basename(p)[:-4] for p in pictures if p.startswith("docs/workflows/")}
