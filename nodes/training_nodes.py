@@ -13,7 +13,7 @@ from ..embroidery_core.adapters import AdapterSet, linear_targets
 from ..embroidery_core.blocks import preset_names
 from ..embroidery_core.images import bar_chart, flatten_design, side_by_side
 from ..embroidery_core.lora_file import save_lora
-from ..embroidery_core.pair import DEFAULT_RESOLUTION, LATENT_MULTIPLE, build_pair
+from ..embroidery_core.pair import DEFAULT_RESOLUTION, LATENT_MULTIPLE, AnalogyPair, build_pair
 from ..embroidery_core.presets import DEFAULT_MEMORY_PRESET, MEMORY_PRESETS, get_memory_preset
 from ..embroidery_core.trainer import (Checkpointer, EmoLoRAConfig, PairLatents, Trainer, export, loss_map,
                                        resume_point, run_stage1, run_stage2)
@@ -328,10 +328,11 @@ class EmbroideryTrainStage2(io.ComfyNode):
                                   seed=config.seed)
             adapters.load_style_lora(resume if resume is not None else lora)
 
+            generated_pairs = [AnalogyPair(img, des, s, pair.trigger) for s, img, des in zip(lines, images, designs)]
+
             def latents_fn(device):
-                generated = [_encode_generated(model, clip, vae, pair, s, img, des, device)
-                             for s, img, des in zip(lines, images, designs)]
-                return _encode_pair(model, clip, vae, pair, device), generated
+                return (_encode_pair(model, clip, vae, pair, device),
+                        [_encode_pair(model, clip, vae, g, device) for g in generated_pairs])
 
             run = lambda trainer, latents, until_, cb: run_stage2(trainer, latents[0], latents[1], until_, cb)
             trained, patched, losses = _train(cls, node, model, adapters, config, pair, latents_fn, 2, start, until,
@@ -350,10 +351,3 @@ def _generate(model, clip, vae, pair, lora, subjects, steps, cfg, seed):
     images = [ct.sample_image(full, clip, vae, f"a {s} in {pair.trigger} style", height, width, steps, cfg, seed + i)
               for i, s in enumerate(subjects)]
     return images, [flatten_design(img) for img in images]
-
-
-def _encode_generated(model, clip, vae, pair, subject, image, design, device) -> PairLatents:
-    height, width = image.shape[1:3]
-    return PairLatents(ct.encode_image(vae, model, design, device), ct.encode_image(vae, model, image, device),
-                       ct.encode_prompt(clip, model, f"a {subject}", height, width, device),
-                       ct.encode_prompt(clip, model, f"a {subject} in {pair.trigger} style", height, width, device))

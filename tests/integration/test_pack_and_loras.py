@@ -88,10 +88,6 @@ def _blora_diffusers_file(lora, arch, path):
     return sd
 
 
-def _kohya_file(lora, path):
-    return save_lora(lora, path)
-
-
 @pytest.mark.parametrize("fmt", ["blora_diffusers", "kohya"])
 def test_loader_restricted_to_one_block_changes_only_that_block(pack, loras_dir, fmt):
     import comfy.lora
@@ -107,7 +103,7 @@ def test_loader_restricted_to_one_block_changes_only_that_block(pack, loras_dir,
         stock = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(patcher.model, {}), log_missing=False)
         assert len(stock) == 0
     else:
-        _kohya_file(lora, loras_dir / name)
+        save_lora(lora, loras_dir / name)
     loader = pack["EmbroideryStyleBlocksLoader"]
     out = loader.execute(patcher, name, "blora_style", "", 1.0).result[0]
     assert out is not patcher and not patcher.patches
