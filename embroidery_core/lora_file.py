@@ -11,14 +11,12 @@ Pickle-based files are refused by extension and never opened: unpickling runs ar
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import re
-import secrets
 from dataclasses import dataclass
 
 import safetensors
@@ -37,6 +35,7 @@ from .blocks import (
     parse_block_list,
     underscores_to_dots,
 )
+from .files import atomic_path
 
 try:  # one version string for the whole pack, once the package declares it
     from . import __version__ as PACK_VERSION
@@ -243,11 +242,6 @@ def kohya_metadata(lora: StyleLoRA) -> dict[str, str]:
     return metadata
 
 
-def _fsync(path: str) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def save_lora(lora: StyleLoRA, path: str | os.PathLike) -> str:
     """Write ``lora`` as a kohya ``.safetensors`` file, atomically.
 
@@ -262,17 +256,8 @@ def save_lora(lora: StyleLoRA, path: str | os.PathLike) -> str:
     if not lora.modules:
         raise ValueError("this LoRA has no modules (were all its blocks filtered out?); nothing to save")
     state_dict, metadata = to_kohya_state_dict(lora), kohya_metadata(lora)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f"{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
+    with atomic_path(path) as tmp:
         safetensors.torch.save_file(state_dict, tmp, metadata=metadata)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:  # includes KeyboardInterrupt: never leave the temp file behind
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
     return path
 
 
