@@ -1,0 +1,146 @@
+"""The toy world's base model: a pixel-space TinyUNet and a tiny text encoder over VOCAB.
+
+No VAE: the toy "latent" of a 64 x 64 RGB image is the image itself, scaled to [-1, 1] and
+folded 2 x 2 into channels (``pixel_unshuffle``), i.e. a [12, 32, 32] tensor. The fold is an
+exact, parameter-free rearrangement of the pixels: it keeps every stitch of the 64 px render
+(a 32 px render would alias them away) while the UNet runs at 32 x 32, five times faster on a
+CPU. ``to_latent`` / ``from_latent`` play the VAE's encode / decode.
+
+The UNet is :class:`~embroidery_core.tiny_unet.TinyUNet` with SD's module names, so EmoLoRA's
+adapters, prompt router and block presets apply to it unchanged (``TOY_UNET.arch()`` gives
+SDXL-named blocks). The text encoder maps ``tokenize``'s ids to a [B, T, D] context; the
+trigger word's slot is never trained, like a rare token in CLIP.
+
+Reading order: constants, latents, the text encoder, building / saving / loading.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..diffusion import PREDICTIONS, Cond, TorchDenoiser
+from ..files import atomic_path
+from ..tiny_unet import TinyUNet, TinyUNetConfig
+from .generator import VOCAB, tokenize
+
+IMAGE_SIZE = 64  # toy images are 64 x 64 RGB
+PATCH = 2  # pixels folded into channels per side
+PROMPT_LENGTH = 8  # tokens per prompt (tokenize's default; every toy prompt fits)
+TEXT_DIM = 32
+TOY_UNET = TinyUNetConfig(in_channels=3 * PATCH * PATCH, model_channels=32, channel_mult=(1, 1, 2),
+                          context_dim=TEXT_DIM, heads=2)
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy_base.safetensors")
+UNET_PREFIX, TEXT_PREFIX = "unet.", "text_encoder."
+FORMAT = "embroidery-toy-base/1"
+PREDICTION = "v"  # the shipped model's parameterisation (see train_base.py for why)
+UNCOND = ""  # the empty prompt: all padding, classifier-free guidance's unconditional branch
+
+
+# --- latents ---------------------------------------------------------------------------------
+
+def to_latent(images: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B, H, W, 3] in 0..1 -> toy latent [B, 12, H/2, W/2] in -1..1 (exact, invertible)."""
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % PATCH or images.shape[2] % PATCH:
+        raise ValueError(f"expected an IMAGE [B, H, W, 3] with even sides, got {tuple(images.shape)}")
+    return F.pixel_unshuffle(images.float().movedim(-1, 1) * 2 - 1, PATCH)
+
+
+def from_latent(latent: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_latent`: [B, 12, h, w] -> IMAGE [B, 2h, 2w, 3] clamped to 0..1."""
+    return ((F.pixel_shuffle(latent.float(), PATCH) + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+# --- text ------------------------------------------------------------------------------------
+
+class ToyTextEncoder(nn.Module):
+    """Token + position embeddings, layer-normed: ids [B, T] -> context [B, T, D].
+
+    No attention between tokens: the UNet's cross-attention does all the reading, which keeps
+    a prompt's words independent (the trigger's embedding cannot leak into the others).
+    """
+
+    def __init__(self, dim: int = TEXT_DIM, length: int = PROMPT_LENGTH):
+        super().__init__()
+        self.length = length
+        self.token_embedding = nn.Embedding(len(VOCAB), dim)
+        self.position_embedding = nn.Parameter(torch.zeros(length, dim))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.token_embedding(ids) + self.position_embedding[: ids.shape[1]])
+
+    def ids(self, prompts: str | list[str]) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return torch.tensor([tokenize(p, self.length) for p in prompts], dtype=torch.long)
+
+    def encode(self, prompts: str | list[str]) -> Cond:
+        """Prompt(s) -> the Cond the denoiser and the trainer take; "" is the empty prompt
+        (all padding), the unconditional branch of classifier-free guidance."""
+        device = self.position_embedding.device
+        return Cond(self(self.ids(prompts).to(device)))
+
+
+# --- building, saving, loading ---------------------------------------------------------------
+
+def build_toy_model(config: TinyUNetConfig = TOY_UNET) -> tuple[TinyUNet, ToyTextEncoder]:
+    """A freshly initialised (unet, encoder) pair of the shipped architecture."""
+    return TinyUNet(config), ToyTextEncoder(config.context_dim)
+
+
+def config_from_json(text: str) -> TinyUNetConfig:
+    fields = json.loads(text)
+    return TinyUNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def toy_state_dict(unet: TinyUNet, encoder: ToyTextEncoder) -> dict[str, torch.Tensor]:
+    state = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    state.update({TEXT_PREFIX + k: v for k, v in encoder.state_dict().items()})
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def save_toy_model(path: str, unet: TinyUNet, encoder: ToyTextEncoder, metadata: dict[str, str]) -> str:
+    """Both networks in one safetensors file; the UNet config travels as JSON in the metadata."""
+    meta = {"format": FORMAT, "config": json.dumps(asdict(unet.cfg)), **{k: str(v) for k, v in metadata.items()}}
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(toy_state_dict(unet, encoder), tmp, metadata=meta)
+    return path
+
+
+def read_metadata(path: str = WEIGHTS) -> dict[str, str]:
+    with safetensors.safe_open(path, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_toy_model(path: str | None = None, device: str | torch.device = "cpu") -> tuple[TinyUNet, ToyTextEncoder]:
+    """(unet, encoder) from the shipped weights (or ``path``), in eval mode, gradients off."""
+    path = path or WEIGHTS
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no toy base model at {path}; train one with "
+                                "`python -m embroidery_core.toyworld.train_base --out <file>`")
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a toy base model (format {meta.get('format')!r}, expected {FORMAT!r})")
+    unet, encoder = build_toy_model(config_from_json(meta["config"]))
+    state = safetensors.torch.load_file(path)
+    unet.load_state_dict({k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)})
+    encoder.load_state_dict({k[len(TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)})
+    for module in (unet, encoder):
+        module.to(device).eval().requires_grad_(False)
+    prediction = meta.get("prediction", "eps")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"{path} has unknown prediction {prediction!r}")
+    unet.prediction = prediction  # read by toy_denoiser
+    return unet, encoder
+
+
+def toy_denoiser(unet: TinyUNet) -> TorchDenoiser:
+    """The Denoiser the trainers and the sampler use for a toy UNet, in its own parameterisation
+    (eps or v on SD's discrete schedule)."""
+    return TorchDenoiser(unet, getattr(unet, "prediction", PREDICTION))

@@ -1,0 +1,84 @@
+"""A small deterministic DDIM sampler (eta = 0) for the toy model, txt2img and img2img.
+
+It works on any :class:`~embroidery_core.diffusion.TorchDenoiser`-like object (``sigmas``,
+``prediction`` and ``denoiser(x_t, sigma, cond) -> raw output``), so a UNet with LoRA adapters
+installed (``adapters.installed``) samples through the very code that trained it. In the sigma
+form of :mod:`embroidery_core.diffusion` (``x_t = x0 + sigma * eps``) a DDIM step is
+
+    x0 = denoised(output);   eps = (x_t - x0) / sigma_i;   x_{i+1} = x0 + sigma_{i+1} * eps,
+
+with ``output`` the classifier-free-guided raw prediction (eps or v). Same seed, same inputs,
+same output.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..diffusion import Cond, denoised
+from .model import IMAGE_SIZE, PATCH, UNCOND, from_latent, to_latent, toy_denoiser
+
+DEFAULT_STEPS = 20
+DEFAULT_CFG = 3.0
+
+
+def sigma_schedule(sigmas: torch.Tensor, steps: int, strength: float = 1.0) -> torch.Tensor:
+    """``steps`` noise levels evenly spaced in timestep from ``strength`` x the last one down to
+    timestep 0, then a final 0 (the last step lands on the x0 estimate)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    start = strength * (len(sigmas) - 1)
+    index = torch.linspace(start, 0, steps).round().long()
+    return torch.cat([sigmas[index].float(), torch.zeros(1)])
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Sample i of a batch gets the noise of seed + i, so a picture never depends on its batch."""
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed + i))
+                        for i in range(shape[0])])
+
+
+def _guided(denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, uncond: Cond | None, cfg: float):
+    """out_u + cfg * (out_c - out_u), both branches in one batched call (linear in the output,
+    so the same for eps and v)."""
+    b = x.shape[0]
+    sig = sigma.expand(b)
+    if uncond is None or cfg == 1.0:
+        return denoiser(x, sig, cond.repeat_to(b))
+    both = Cond.cat([cond.repeat_to(b), uncond.repeat_to(b)])
+    out_c, out_u = denoiser(torch.cat([x, x]), torch.cat([sig, sig]), both).chunk(2)
+    return out_u + cfg * (out_c - out_u)
+
+
+@torch.no_grad()
+def ddim(denoiser, cond: Cond, uncond: Cond | None, shape: tuple[int, ...], steps: int = DEFAULT_STEPS,
+         cfg: float = DEFAULT_CFG, seed: int = 0, init: torch.Tensor | None = None,
+         strength: float = 1.0) -> torch.Tensor:
+    """Latents of shape ``shape`` [B, C, h, w].
+
+    txt2img (``init`` None): start from N(0, 1 + sigma_max^2) at the last timestep.
+    img2img: noise ``init`` to the level ``strength`` (1 = all the way) and denoise from there.
+    """
+    sigmas = sigma_schedule(denoiser.sigmas, steps, strength if init is not None else 1.0)
+    noise = initial_noise(shape, seed)
+    if init is None:
+        x = noise * (1 + sigmas[0] ** 2).sqrt()
+    else:
+        x = init.float().expand(shape) + sigmas[0] * noise
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        out = _guided(denoiser, x, sigma.reshape(1), cond, uncond, cfg).float()
+        x0 = denoised(denoiser.prediction, out, x, sigma.reshape(1))
+        x = x0 + sigma_next * (x - x0) / sigma
+    return x
+
+
+def generate(unet, encoder, prompts: list[str], steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG,
+             seed: int = 0, init_images: torch.Tensor | None = None, strength: float = 1.0,
+             size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Prompts -> IMAGE [B, size, size, 3]; with ``init_images`` [B, H, W, 3], img2img from them."""
+    denoiser = toy_denoiser(unet)
+    cond, uncond = encoder.encode(prompts), encoder.encode(UNCOND)
+    init = None if init_images is None else to_latent(init_images)
+    shape = (len(prompts), unet.cfg.in_channels, size // PATCH, size // PATCH) if init is None else tuple(init.shape)
+    return from_latent(ddim(denoiser, cond, uncond, shape, steps, cfg, seed, init, strength))

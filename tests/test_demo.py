@@ -1,0 +1,40 @@
+"""The README's demo command, as a user runs it: `python -m embroidery_core demo --quick --out DIR`."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+from PIL import Image
+
+from embroidery_core.toyworld.demo import METRIC_KEYS, QUICK
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK_BUDGET_S = 60
+
+
+def test_quick_demo_writes_contact_sheet_and_metrics(tmp_path):
+    out = tmp_path / "demo"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "embroidery_core", "demo", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=3 * QUICK_BUDGET_S)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert elapsed < QUICK_BUDGET_S, f"quick demo took {elapsed:.0f} s"
+
+    with Image.open(out / "contact_sheet.png") as sheet:
+        assert sheet.width > 64 * QUICK["new_designs"] and sheet.height > 64 * 5
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["quick"] is True and result["trigger"] == "<trigger>"
+    assert result["config"]["stage1_iterations"] == QUICK["stage1_iterations"]
+    assert result["style_blocks"] == ["input_blocks.5.1", "input_blocks.7.1", "output_blocks.1.1", "output_blocks.2.1"]
+    for method in ("emolora", "no_lora", "ground_truth"):
+        assert set(result["metrics"][method]) == set(METRIC_KEYS)
+        assert all(isinstance(v, float) for v in result["metrics"][method].values())
+    assert {"stage1_s", "stage2_s", "inference_s", "total_s"} <= set(result["timings"])
+
+
+def test_demo_rejects_a_technique_the_base_model_has_seen(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "embroidery_core", "demo", "--quick", "--technique", "satin",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "held-out" in done.stderr

@@ -1,0 +1,146 @@
+"""The toy world's shipped models: base denoiser + text encoder, DDIM sampler, technique classifier."""
+import json
+import os
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import safetensors
+import torch
+
+from embroidery_core.tiny_unet import TinyUNet
+from embroidery_core.toyworld import HELD_OUT, TECHNIQUES, TRIGGER, VOCAB
+from embroidery_core.toyworld import classifier as clf
+from embroidery_core.toyworld import train_base
+from embroidery_core.toyworld.model import (TOY_UNET, WEIGHTS, ToyTextEncoder, build_toy_model, from_latent,
+                                            load_toy_model, read_metadata, to_latent, toy_state_dict)
+from embroidery_core.toyworld.sample import generate, sigma_schedule
+
+MAX_BASE_BYTES = 20 * 2 ** 20
+MAX_CLASSIFIER_BYTES = 2 * 2 ** 20
+# Measured on 64 fresh renders per class of unseen designs: 1.00 (512 of 512); the bar
+# leaves room for torch version differences, not for a broken classifier (chance is 1/8).
+CLASSIFIER_MIN_ACCURACY = 0.9
+CLASSIFIER_TEST_PER_CLASS = 16
+EVAL_SEED = 5_000_000
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The toy networks are tiny: a second thread gains nothing and, on a busy machine, two
+    OpenMP threads waiting for each other made these tests many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_toy_model()
+
+
+def _shapes(state):
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+# --- base model --------------------------------------------------------------------------------
+
+def test_shipped_weights_match_the_training_script():
+    assert os.path.getsize(WEIGHTS) <= MAX_BASE_BYTES
+    with safetensors.safe_open(WEIGHTS, framework="pt") as f:
+        shipped = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    unet, encoder = build_toy_model(TOY_UNET)  # what train_base builds
+    assert shipped == _shapes(toy_state_dict(unet, encoder))
+    meta = read_metadata(WEIGHTS)
+    assert json.loads(meta["config"]) == json.loads(json.dumps(asdict(TOY_UNET)))
+    assert meta["script_version"] == train_base.SCRIPT_VERSION
+    assert int(meta["steps"]) > 0 and meta["seed"].isdigit()
+
+
+def test_training_script_writes_a_loadable_file_of_that_architecture(tmp_path):
+    config = train_base.BaseTrainConfig(steps=2, batch=2, warmup=1)
+    unet, encoder, done, history = train_base.train(config, log_every=1)
+    path = str(tmp_path / "base.safetensors")
+    from embroidery_core.toyworld.model import save_toy_model
+
+    save_toy_model(path, unet, encoder, {"seed": 0, "steps": done, "script_version": train_base.SCRIPT_VERSION})
+    assert done == 2 and len(history) == 2 and all(np.isfinite(history))
+    reloaded, _ = load_toy_model(path)
+    assert _shapes(reloaded.state_dict()) == _shapes(load_toy_model()[0].state_dict())
+
+
+def test_load_toy_model_gives_a_frozen_denoiser_and_encoder(toy):
+    unet, encoder = toy
+    assert isinstance(unet, TinyUNet) and isinstance(encoder, ToyTextEncoder)
+    assert not any(p.requires_grad for p in [*unet.parameters(), *encoder.parameters()])
+    cond = encoder.encode(["a red circle", f"a red circle in {TRIGGER} style"])
+    assert cond.context.shape == (2, 8, TOY_UNET.context_dim)
+    x = torch.randn(2, TOY_UNET.in_channels, 32, 32)
+    with torch.no_grad():
+        assert unet(x, torch.tensor([10.0, 900.0]), cond.context).shape == x.shape
+
+
+def test_block_presets_exist_in_the_toy_unet(toy):
+    names = {n for n, _ in toy[0].named_modules()}
+    arch = TOY_UNET.arch()
+    for preset in ("emolora_style", "blora_style", "blora_content"):
+        for module in arch.attention_modules(arch.preset(preset)):
+            assert module in names
+
+
+def test_latent_round_trip_is_exact():
+    images = torch.rand(2, 64, 64, 3)
+    latent = to_latent(images)
+    assert latent.shape == (2, 12, 32, 32) and latent.min() >= -1 and latent.max() <= 1
+    assert torch.allclose(from_latent(latent), images, atol=1e-6)
+
+
+def test_every_prompt_word_is_in_the_vocabulary(toy):
+    _, encoder = toy
+    assert encoder.token_embedding.num_embeddings == len(VOCAB)
+    encoder.ids([f"a red circle blue star in {t} style" for t in TECHNIQUES])
+
+
+# --- sampler -----------------------------------------------------------------------------------
+
+def test_sigma_schedule_descends_to_zero():
+    sigmas = torch.linspace(0.03, 14.6, 1000)
+    full, half = sigma_schedule(sigmas, 5), sigma_schedule(sigmas, 5, strength=0.5)
+    assert len(full) == 6 and full[-1] == 0 and torch.all(full[:-1] > full[1:])
+    assert full[0] == sigmas[-1] and half[0] < full[0]
+
+
+def test_sampler_shapes_and_determinism(toy):
+    unet, encoder = toy
+    prompts = ["a red circle", f"a blue star in {TRIGGER} style"]
+    a = generate(unet, encoder, prompts, steps=2, seed=7)
+    b = generate(unet, encoder, prompts, steps=2, seed=7)
+    c = generate(unet, encoder, prompts, steps=2, seed=8)
+    assert a.shape == (2, 64, 64, 3) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # sample i uses seed + i: the second picture does not depend on the first
+    assert torch.allclose(generate(unet, encoder, prompts[1:], steps=2, seed=8), a[1:], atol=1e-5)
+
+
+def test_img2img_at_low_strength_keeps_the_image(toy):
+    unet, encoder = toy
+    init = torch.from_numpy(np.stack([clf.render_example(7, 1, 0)]))  # a flat design
+    kept = generate(unet, encoder, ["a red circle"], steps=2, init_images=init, strength=0.02)
+    fresh = generate(unet, encoder, ["a red circle"], steps=2)
+    assert (kept - init).abs().mean() < 0.5 * (fresh - init).abs().mean()
+
+
+# --- technique classifier ----------------------------------------------------------------------
+
+def test_classifier_is_small_and_reads_fresh_renders():
+    assert os.path.getsize(clf.WEIGHTS) <= MAX_CLASSIFIER_BYTES
+    model = clf.load_classifier()
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(len(clf.CLASSES)), CLASSIFIER_TEST_PER_CLASS)
+    images = np.stack([clf.render_example(int(k), EVAL_SEED + i, int(rng.integers(2 ** 31)))
+                       for i, k in enumerate(labels)])
+    predicted = clf.predict(model, images)
+    accuracy = np.mean([p == clf.CLASSES[k] for p, k in zip(predicted, labels)])
+    assert accuracy > CLASSIFIER_MIN_ACCURACY
+    assert clf.technique_accuracy(model, images[labels == clf.CLASSES.index(HELD_OUT[0])], HELD_OUT[0]) > 0.5
