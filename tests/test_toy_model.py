@@ -70,6 +70,16 @@ def test_training_script_writes_a_loadable_file_of_that_architecture(tmp_path):
     assert _shapes(reloaded.state_dict()) == _shapes(load_toy_model()[0].state_dict())
 
 
+def test_base_training_is_reproducible():
+    """The README's "same command, same file": data, noise and timesteps come from the seed."""
+    config = train_base.BaseTrainConfig(steps=3, batch=2, warmup=1)
+    first, second = (toy_state_dict(*train_base.train(config, log_every=1)[:2]) for _ in range(2))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = toy_state_dict(*train_base.train(train_base.BaseTrainConfig(steps=3, batch=2, warmup=1, seed=1),
+                                             log_every=1)[:2])
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
 def test_load_toy_model_gives_a_frozen_denoiser_and_encoder(toy):
     unet, encoder = toy
     assert isinstance(unet, TinyUNet) and isinstance(encoder, ToyTextEncoder)
