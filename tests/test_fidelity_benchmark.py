@@ -37,3 +37,12 @@ def test_summary_is_mean_and_spread_over_runs():
     runs = [{m: {k: float(i) for k in benchmark.METRIC_KEYS} for m in benchmark.METHODS} for i in (1, 3)]
     summary = benchmark.summarise(runs)
     assert summary["emolora"]["hfrd"] == (2.0, 1.0)
+
+
+def test_base_check_has_a_row_per_technique_and_marks_the_held_out_ones():
+    torch.set_num_threads(1)
+    table = benchmark.base_check(1, strengths=(0.6,), techniques=("satin", "chain")).splitlines()
+    assert len(table) == 4 and table[0].count("@ 0.6") == 2
+    assert table[2].startswith("| `satin` |") and table[3].startswith("| `chain` (held out) |")
+    accuracy, hfrd_gt = (float(c) for c in table[2].strip("|").split("|")[1:])
+    assert 0.0 <= accuracy <= 1.0 and hfrd_gt >= 0.0

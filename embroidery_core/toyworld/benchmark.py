@@ -38,16 +38,17 @@ import time
 import numpy as np
 import torch
 
+from .. import metrics
 from ..adapters import installed
 from ..diffusion import add_noise, diffusion_loss, target
 from ..files import write_text
 from ..lora_file import StyleLoRA
 from ..trainer import PairLatents, Trainer
 from . import demo
-from .classifier import load_classifier
+from .classifier import load_classifier, predict
 from .demo import ARCH, METRIC_KEYS, STAGE2_SUBJECTS, ToyRunConfig
-from .generator import HELD_OUT
-from .model import load_toy_model, toy_denoiser
+from .generator import HELD_OUT, TECHNIQUES
+from .model import from_latent, load_toy_model, to_latent, toy_denoiser
 
 BENCH_REFERENCE_SEED = 4_000_000  # + 1000 x technique index + reference index
 BENCH_DESIGN_SEED = 4_500_000
@@ -144,6 +145,33 @@ def run(refs: int, designs: int, seeds: int, techniques=HELD_OUT, config: ToyRun
     return runs
 
 
+# --- the base model's own ceiling -----------------------------------------------------------
+
+def base_check(designs: int, strengths=(0.6, 0.9), techniques=TECHNIQUES) -> str:
+    """How well the base model draws each technique by its own word, no LoRA, same protocol
+    (img2img from the benchmark's new designs, "a <subject> in <technique> style"). For the
+    training techniques this is the ceiling a one-shot LoRA builds on. A markdown table of
+    technique accuracy and HFRD(gt), one row per technique, one column pair per strength."""
+    unet, encoder = load_toy_model()
+    classifier = load_classifier()
+    header = "| Technique | " + " | ".join(f"acc. @ {s} | HFRD(gt) @ {s}" for s in strengths) + " |"
+    lines = [header, "|---|" + "---:|---:|" * len(strengths)]
+    for technique in techniques:
+        targets = demo.new_designs(designs, technique, BENCH_DESIGN_SEED)
+        init = to_latent(torch.cat([t.design for t in targets]))
+        prompts = [f"a {t.subject} in {technique} style" for t in targets]
+        cells = []
+        for strength in strengths:
+            config = ToyRunConfig(strength=strength)
+            out = from_latent(demo.sample_latents(unet, encoder, prompts, config, 0, init=init)).numpy()
+            accuracy = np.mean([p == technique for p in predict(classifier, out)])
+            hfrd_gt = np.mean([metrics.hfrd(o, t.embroidery[0].numpy()) for o, t in zip(out, targets)])
+            cells += [f"{accuracy:.2f}", f"{hfrd_gt:.1f}"]
+        held = " (held out)" if technique in HELD_OUT else ""
+        lines.append(f"| `{technique}`{held} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --- report ----------------------------------------------------------------------------------
 
 def summarise(runs: list[dict], methods=METHODS) -> dict[str, dict[str, tuple[float, float]]]:
@@ -211,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write every run's numbers here")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="the demo's smoke-run iterations (checks the script only)")
+    parser.add_argument("--base-check", action="store_true",
+                        help="only print how well the base model draws every technique by its own word (no LoRA)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
@@ -218,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in techniques if t not in HELD_OUT]
     if unknown:
         parser.error(f"not held-out techniques: {unknown}; choose from {HELD_OUT}")
+    if args.base_check:
+        print(base_check(args.designs))
+        return 0
     start = time.monotonic()
     runs = run(args.refs, args.designs, args.seeds, techniques, ToyRunConfig(**(demo.QUICK if args.quick else {})))
     minutes = (time.monotonic() - start) / 60
