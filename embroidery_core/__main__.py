@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         result = run_demo(args.out, quick=args.quick, technique=args.technique)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # a bad --technique, missing weights, an unwritable --out
         parser.error(str(e))
     emo = result["metrics"]["emolora"]
     logging.info("wrote %s/contact_sheet.png and metrics.json in %.0f s; EmoLoRA: %s", args.out,

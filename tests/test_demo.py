@@ -38,3 +38,13 @@ def test_demo_rejects_a_technique_the_base_model_has_seen(tmp_path):
     done = subprocess.run([sys.executable, "-m", "embroidery_core", "demo", "--quick", "--technique", "satin",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "held-out" in done.stderr
+
+
+def test_demo_refuses_an_unusable_output_folder_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "embroidery_core", "demo", "--quick", "--out", str(blocker / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "pass a writable --out" in done.stderr
+    assert "stage 1" not in done.stdout and time.monotonic() - start < 30

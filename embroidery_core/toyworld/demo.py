@@ -258,6 +258,12 @@ def run_demo(out_dir: str, quick: bool = False, technique: str = "french_knot", 
     """The whole demo; returns what metrics.json holds."""
     if technique not in HELD_OUT:
         raise ValueError(f"the demo's reference must be a held-out technique {HELD_OUT}, got {technique!r}")
+    try:  # fail before minutes of training, not after
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder {out_dir!r} ({e.strerror}); pass a writable --out") from e
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"the output folder {out_dir!r} is not writable; pass a writable --out")
     config = ToyRunConfig(**(QUICK if quick else {}))
     timings, start = {}, time.monotonic()
     unet, encoder = load_toy_model(weights)
