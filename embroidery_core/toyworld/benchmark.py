@@ -125,10 +125,11 @@ def run_one(unet, encoder, classifier, technique: str, reference_seed: int, seed
     return result
 
 
-def run(refs: int, designs: int, seeds: int, techniques=HELD_OUT, config: ToyRunConfig | None = None):
+def run(refs: int, designs: int, seeds: int, techniques=HELD_OUT, config: ToyRunConfig | None = None,
+        weights: str | None = None):
     """Every (technique, reference, seed) run; a list of dicts with the metrics per method."""
     config = config or ToyRunConfig()
-    unet, encoder = load_toy_model()
+    unet, encoder = load_toy_model(weights)
     classifier = load_classifier()
     runs = []
     for t_index, technique in enumerate(techniques):
@@ -147,12 +148,12 @@ def run(refs: int, designs: int, seeds: int, techniques=HELD_OUT, config: ToyRun
 
 # --- the base model's own ceiling -----------------------------------------------------------
 
-def base_check(designs: int, strengths=(0.6, 0.9), techniques=TECHNIQUES) -> str:
+def base_check(designs: int, strengths=(0.6, 0.9), techniques=TECHNIQUES, weights: str | None = None) -> str:
     """How well the base model draws each technique by its own word, no LoRA, same protocol
     (img2img from the benchmark's new designs, "a <subject> in <technique> style"). For the
     training techniques this is the ceiling a one-shot LoRA builds on. A markdown table of
     technique accuracy and HFRD(gt), one row per technique, one column pair per strength."""
-    unet, encoder = load_toy_model()
+    unet, encoder = load_toy_model(weights)
     classifier = load_classifier()
     header = "| Technique | " + " | ".join(f"acc. @ {s} | HFRD(gt) @ {s}" for s in strengths) + " |"
     lines = [header, "|---|" + "---:|---:|" * len(strengths)]
@@ -197,7 +198,7 @@ def results_block(runs: list[dict], args, minutes: float) -> str:
     techniques = sorted({r["technique"] for r in runs}, key=HELD_OUT.index)
     parts = [RESULTS_START, "",
              f"- Command: `python -m embroidery_core.toyworld.benchmark --refs {args.refs} --designs {args.designs} "
-             f"--seeds {args.seeds}`",
+             f"--seeds {args.seeds}" + (f" --weights {args.weights}" if args.weights else "") + "`",
              f"- Date: {datetime.date.today().isoformat()}; commit: `{_commit()}` (plus the working tree of this "
              "change); torch " + torch.__version__ + f"; {platform.machine()} CPU, {torch.get_num_threads()} thread(s).",
              f"- Size: {len(techniques)} held-out techniques x {args.refs} reference(s) x {args.seeds} seed(s) = "
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", default=None, help="markdown file whose results block is rewritten")
     parser.add_argument("--json", default=None, help="write every run's numbers here")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--weights", default=None, help="another toy base model file (default: the shipped one)")
     parser.add_argument("--quick", action="store_true", help="the demo's smoke-run iterations (checks the script only)")
     parser.add_argument("--base-check", action="store_true",
                         help="only print how well the base model draws every technique by its own word (no LoRA)")
@@ -249,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"not held-out techniques: {unknown}; choose from {HELD_OUT}")
     if args.base_check:
-        print(base_check(args.designs))
+        print(base_check(args.designs, weights=args.weights))
         return 0
     start = time.monotonic()
-    runs = run(args.refs, args.designs, args.seeds, techniques, ToyRunConfig(**(demo.QUICK if args.quick else {})))
+    runs = run(args.refs, args.designs, args.seeds, techniques, ToyRunConfig(**(demo.QUICK if args.quick else {})),
+               args.weights)
     minutes = (time.monotonic() - start) / 60
     block = results_block(runs, args, minutes)
     print(block)
