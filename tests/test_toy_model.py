@@ -154,3 +154,9 @@ def test_classifier_is_small_and_reads_fresh_renders():
     accuracy = np.mean([p == clf.CLASSES[k] for p, k in zip(predicted, labels)])
     assert accuracy > CLASSIFIER_MIN_ACCURACY
     assert clf.technique_accuracy(model, images[labels == clf.CLASSES.index(HELD_OUT[0])], HELD_OUT[0]) > 0.5
+
+
+def test_classifier_training_is_reproducible():
+    config = clf.ClassifierConfig(steps=2, batch=4)
+    first, second = (clf.train(config, log_every=1).state_dict() for _ in range(2))
+    assert all(torch.equal(first[k], second[k]) for k in first)
