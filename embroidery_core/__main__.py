@@ -13,7 +13,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m embroidery_core", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="one-shot EmoLoRA on the toy model, CPU (about 3 min; --quick < 1 min)")
+    demo = commands.add_parser("demo", help="one-shot EmoLoRA on the toy model, CPU (under 3 min; --quick about 10 s)")
     demo.add_argument("--out", default="./embroidery_demo", help="folder for contact_sheet.png and metrics.json")
     demo.add_argument("--quick", action="store_true", help="a few iterations only (CI smoke run)")
     demo.add_argument("--technique", default="french_knot",
