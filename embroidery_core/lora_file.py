@@ -160,6 +160,16 @@ class StyleLoRA:
                 f"safetensors metadata holds strings only; convert these values with str() or json.dumps(): {bad[:5]}"
             )
 
+    @property
+    def style_blocks(self) -> list[str]:
+        """The style blocks the trainer that wrote this LoRA recorded (empty for other files)."""
+        return [b for b in self.metadata.get("embroidery.style_blocks", "").split(",") if b]
+
+    @property
+    def rank(self) -> int:
+        """The largest rank of its modules (a trainer's files have one rank throughout)."""
+        return max(m.rank for m in self.modules.values())
+
     def blocks(self) -> list[str]:
         """The LDM blocks this LoRA touches, in execution order (modules outside blocks not listed)."""
         return sorted({b for b in map(block_of, self.modules) if b is not None}, key=block_sort_key)

@@ -106,7 +106,7 @@ class EmbroiderySaveStyleLoRA(io.ComfyNode):
             raise NodeInputError(node, f"filename_prefix {filename_prefix!r} must be a relative name inside the "
                                        "loras folder, like 'embroidery/my_style'")
         if style_blocks_only:
-            blocks = [b for b in lora.metadata.get("embroidery.style_blocks", "").split(",") if b]
+            blocks = lora.style_blocks
             if not blocks:
                 raise NodeInputError(node, "this LoRA does not record its style blocks; turn style_blocks_only off")
             lora = lora.filter_blocks(blocks)
@@ -155,7 +155,7 @@ class EmbroideryLoRABlockInspector(io.ComfyNode):
             if lora_name == "(from input)":
                 raise NodeInputError(node, "connect a LoRA to the 'lora' input or pick a file in lora_name")
             lora = load_lora_file(lora_name, None if family == "auto" else family, node)
-        style = [b for b in lora.metadata.get("embroidery.style_blocks", "").split(",") if b]
+        style = lora.style_blocks
         labels, values, text = block_report(lora, highlight=style)
         title = f"{lora_name if lora_name != '(from input)' else 'trained LoRA'}: update norm per block"
         chart = bar_chart(labels, values, title=title, highlight=set(style))

@@ -313,8 +313,8 @@ class EmbroideryTrainStage2(io.ComfyNode):
         if stage != 1:
             raise NodeInputError(node, f"the connected LoRA is from stage {stage}; connect the stage-1 LoRA "
                                        "(to continue stage 2, use resume_from)")
-        blocks = [b for b in lora.metadata.get("embroidery.style_blocks", "").split(",") if b]
-        rank = max(m.rank for m in lora.modules.values())
+        blocks = lora.style_blocks
+        rank = lora.rank
         config = EmoLoRAConfig(rank=rank, learning_rate=kw["learning_rate"], weight_decay=kw["weight_decay"],
                                stage2_iterations=kw["iterations"], generated_weight=generated_weight,
                                contrastive_weight=contrastive_weight, tau=tau, seed=kw["seed"])

@@ -438,3 +438,10 @@ def test_module_api_is_stable():
                  "load_lora", "lora_from_state_dict", "lora_from_modules"):
         assert hasattr(lora_file, name)
     assert get_arch("sdxl") is SDXL
+
+
+def test_style_blocks_and_rank_come_from_the_file():
+    trained = attention_lora(SDXL, [SDXL_STYLE, SDXL_CONTENT], rank=3,
+                             metadata={"embroidery.style_blocks": f"{SDXL_STYLE},"})
+    assert trained.style_blocks == [SDXL_STYLE] and trained.rank == 3
+    assert attention_lora(SDXL, [SDXL_STYLE]).style_blocks == []  # a file no trainer of ours wrote

@@ -107,7 +107,7 @@ def run_one(unet, encoder, classifier, technique: str, reference_seed: int, seed
         return result
 
     stage1 = timed("emolora", lambda: demo.train_stage1(unet, pair, config))
-    style = demo.style_blocks(stage1)
+    style = stage1.style_blocks
     outputs["emolora_stage1"] = demo.stylize(unet, encoder, designs, subjects, config, stage1, style, seed)
     _, _, generated = timed("emolora", lambda: demo.generate_pairs(unet, encoder, stage1, STAGE2_SUBJECTS, config))
     stage2 = timed("emolora", lambda: demo.train_stage2(unet, pair, stage1, generated, config))

@@ -128,7 +128,7 @@ def lora_applied(unet, lora: StyleLoRA | None, blocks: list[str] | None = None):
         return
     if blocks is not None:
         lora = lora.filter_blocks(blocks)
-    rank = max(m.rank for m in lora.modules.values())
+    rank = lora.rank
     adapters = AdapterSet(linear_targets(unet, sorted(lora.modules)), [], rank)
     adapters.load_style_lora(lora)
     with installed(unet, adapters), torch.no_grad():
@@ -153,11 +153,6 @@ def stylize(unet, encoder, designs: torch.Tensor, subjects: list[str], config: T
 
 
 # --- the two stages --------------------------------------------------------------------------
-
-def style_blocks(lora: StyleLoRA) -> list[str]:
-    """The style blocks a trainer recorded in the LoRA's metadata."""
-    return [b for b in lora.metadata["embroidery.style_blocks"].split(",") if b]
-
 
 def train_stage1(unet, pair: PairLatents, config: ToyRunConfig, on_step=None) -> StyleLoRA:
     """EmbroideryTrainStage1's core: all-attention adapters, EmoLoRA's style blocks, run_stage1."""
@@ -187,7 +182,7 @@ def train_stage2(unet, pair: PairLatents, stage1: StyleLoRA, generated: list[Pai
     """EmbroideryTrainStage2's core: resume the stage-1 LoRA in a fresh adapter set, run_stage2."""
     emo = config.emolora()
     start = int(stage1.metadata["embroidery.step"])
-    adapters = adapters_for(unet, sorted(stage1.modules), style_blocks(stage1), emo.rank, emo.alpha, emo.seed)
+    adapters = adapters_for(unet, sorted(stage1.modules), stage1.style_blocks, emo.rank, emo.alpha, emo.seed)
     adapters.load_style_lora(stage1)
     trainer = Trainer(toy_denoiser(unet), adapters, emo, step=start)
     with installed(unet, adapters):
@@ -284,14 +279,14 @@ def run_demo(out_dir: str, quick: bool = False, technique: str = "french_knot", 
     designs = torch.cat([t.design for t in targets])
     subjects = [t.subject for t in targets]
     base = stylize(unet, encoder, designs, subjects, config)
-    styled = stylize(unet, encoder, designs, subjects, config, stage2, style_blocks(stage2))
+    styled = stylize(unet, encoder, designs, subjects, config, stage2, stage2.style_blocks)
     timings["inference_s"] = time.monotonic() - tick
 
     classifier = _classifier(classifier_weights)
     truth = torch.cat([t.embroidery for t in targets])
     result = {
         "technique": technique, "trigger": TRIGGER, "reference_subject": reference.subject, "quick": quick,
-        "config": dataclasses.asdict(config), "style_blocks": style_blocks(stage2),
+        "config": dataclasses.asdict(config), "style_blocks": stage2.style_blocks,
         "metrics": {"emolora": evaluate(styled, reference, targets, classifier),
                     "no_lora": evaluate(base, reference, targets, classifier),
                     "ground_truth": evaluate(truth, reference, targets, classifier)},
