@@ -72,6 +72,15 @@ class AdapterSet(nn.Module):
         self.enabled = True
         self.routed_context: torch.Tensor | None = None
 
+    @classmethod
+    def from_style_lora(cls, root: nn.Module, lora: StyleLoRA, seed: int = 0) -> "AdapterSet":
+        """Adapters on exactly ``lora``'s modules under ``root``, holding its weights, with the
+        style blocks it recorded: how stage 2 continues stage 1, and how a LoRA is applied to a
+        plain torch UNet."""
+        adapters = cls(linear_targets(root, sorted(lora.modules)), lora.style_blocks, lora.rank, seed=seed)
+        adapters.load_style_lora(lora)
+        return adapters
+
     # ------------------------------------------------------------------ membership
     def is_style(self, name: str) -> bool:
         return block_of(name) in self.style_blocks

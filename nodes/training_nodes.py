@@ -313,9 +313,7 @@ class EmbroideryTrainStage2(io.ComfyNode):
         if stage != 1:
             raise NodeInputError(node, f"the connected LoRA is from stage {stage}; connect the stage-1 LoRA "
                                        "(to continue stage 2, use resume_from)")
-        blocks = lora.style_blocks
-        rank = lora.rank
-        config = EmoLoRAConfig(rank=rank, learning_rate=kw["learning_rate"], weight_decay=kw["weight_decay"],
+        config = EmoLoRAConfig(rank=lora.rank, learning_rate=kw["learning_rate"], weight_decay=kw["weight_decay"],
                                stage2_iterations=kw["iterations"], generated_weight=generated_weight,
                                contrastive_weight=contrastive_weight, tau=tau, seed=kw["seed"])
         resume, start = _resume(kw["resume_from"], arch.name, 2, node)
@@ -324,9 +322,9 @@ class EmbroideryTrainStage2(io.ComfyNode):
         until = stage2_start + config.stage2_iterations
         images, designs = _generate(model, clip, vae, pair, lora, lines, sample_steps, cfg, config.seed)
         with torch.inference_mode(False):
-            adapters = AdapterSet(linear_targets(model.model.diffusion_model, list(lora.modules)), blocks, rank,
-                                  seed=config.seed)
-            adapters.load_style_lora(resume if resume is not None else lora)
+            adapters = AdapterSet.from_style_lora(model.model.diffusion_model, lora, seed=config.seed)
+            if resume is not None:
+                adapters.load_style_lora(resume)
 
             generated_pairs = [AnalogyPair(img, des, s, pair.trigger) for s, img, des in zip(lines, images, designs)]
 

@@ -182,6 +182,18 @@ def test_resume_continues_step_count_and_weights(tiny_unet, tmp_path):
     assert export(second, "sdxl", 1).metadata["embroidery.step"] == "5"
 
 
+def test_adapters_rebuilt_from_a_lora_hold_its_weights_and_style_blocks(tiny_unet):
+    first = make_trainer(tiny_unet)
+    with installed(tiny_unet, first.adapters):
+        run_stage1(first, make_pair(), until=2)
+    lora = export(first, "sdxl", 1).filter_blocks(STYLE[:2] + ["middle_block.1"])
+    rebuilt = AdapterSet.from_style_lora(tiny_unet, lora)
+    assert rebuilt.names == sorted(lora.modules) and rebuilt.style_blocks == STYLE
+    for name in rebuilt.names:
+        assert torch.equal(rebuilt.adapter(name).down, first.adapters.adapter(name).down)
+        assert torch.equal(rebuilt.adapter(name).up, first.adapters.adapter(name).up)
+
+
 def test_resume_point_refuses_foreign_lora():
     from embroidery_core.lora_file import StyleLoRA
 

@@ -36,7 +36,7 @@ from ..adapters import AdapterSet, installed, linear_targets
 from ..files import atomic_path, write_text
 from ..images import flatten_design, to_pil
 from ..lora_file import StyleLoRA
-from ..trainer import EmoLoRAConfig, PairLatents, Trainer, export, run_stage1, run_stage2
+from ..trainer import EmoLoRAConfig, PairLatents, Trainer, export, resume_point, run_stage1, run_stage2
 from .generator import HELD_OUT, TRIGGER, sample_pair
 from .model import IMAGE_SIZE, PATCH, UNCOND, from_latent, load_toy_model, to_latent, toy_denoiser
 from .sample import ddim
@@ -128,9 +128,7 @@ def lora_applied(unet, lora: StyleLoRA | None, blocks: list[str] | None = None):
         return
     if blocks is not None:
         lora = lora.filter_blocks(blocks)
-    rank = lora.rank
-    adapters = AdapterSet(linear_targets(unet, sorted(lora.modules)), [], rank)
-    adapters.load_style_lora(lora)
+    adapters = AdapterSet.from_style_lora(unet, lora)
     with installed(unet, adapters), torch.no_grad():
         yield
 
@@ -181,9 +179,8 @@ def train_stage2(unet, pair: PairLatents, stage1: StyleLoRA, generated: list[Pai
                  config: ToyRunConfig, on_step=None) -> StyleLoRA:
     """EmbroideryTrainStage2's core: resume the stage-1 LoRA in a fresh adapter set, run_stage2."""
     emo = config.emolora()
-    start = int(stage1.metadata["embroidery.step"])
-    adapters = adapters_for(unet, sorted(stage1.modules), stage1.style_blocks, emo.rank, emo.alpha, emo.seed)
-    adapters.load_style_lora(stage1)
+    _, start = resume_point(stage1)
+    adapters = AdapterSet.from_style_lora(unet, stage1, seed=emo.seed)
     trainer = Trainer(toy_denoiser(unet), adapters, emo, step=start)
     with installed(unet, adapters):
         run_stage2(trainer, pair, generated, start + emo.stage2_iterations, on_step)
