@@ -26,11 +26,21 @@ class AnalogyPair:
 
     @property
     def design_prompt(self) -> str:
-        return f"a {self.subject}"
+        return design_prompt(self.subject)
 
     @property
     def embroidery_prompt(self) -> str:
-        return f"a {self.subject} in {self.trigger} style"
+        return embroidery_prompt(self.subject, self.trigger)
+
+
+def design_prompt(subject: str) -> str:
+    """The paper's prompt for the flat design: "a <subject>"."""
+    return f"a {subject}"
+
+
+def embroidery_prompt(subject: str, trigger: str) -> str:
+    """The paper's prompt for the embroidery: "a <subject> in <trigger> style"."""
+    return f"a {subject} in {trigger} style"
 
 
 def check_words(subject: str, trigger: str) -> tuple[str, str]:

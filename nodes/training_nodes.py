@@ -13,7 +13,7 @@ from ..embroidery_core.adapters import AdapterSet, linear_targets
 from ..embroidery_core.blocks import preset_names
 from ..embroidery_core.images import bar_chart, flatten_design, side_by_side
 from ..embroidery_core.lora_file import save_lora
-from ..embroidery_core.pair import DEFAULT_RESOLUTION, LATENT_MULTIPLE, AnalogyPair, build_pair
+from ..embroidery_core.pair import DEFAULT_RESOLUTION, LATENT_MULTIPLE, AnalogyPair, build_pair, embroidery_prompt
 from ..embroidery_core.presets import DEFAULT_MEMORY_PRESET, MEMORY_PRESETS, get_memory_preset
 from ..embroidery_core.trainer import (Checkpointer, EmoLoRAConfig, PairLatents, Trainer, export, loss_map,
                                        resume_point, run_stage1, run_stage2)
@@ -346,6 +346,6 @@ def _generate(model, clip, vae, pair, lora, subjects, steps, cfg, seed):
     """Sample one embroidery per subject with the whole stage-1 LoRA, and flatten each to a design."""
     full = apply_lora_patches(model, lora, 1.0, "Train Embroidery LoRA (Stage 2)")
     height, width = pair.embroidery.shape[1:3]
-    images = [ct.sample_image(full, clip, vae, f"a {s} in {pair.trigger} style", height, width, steps, cfg, seed + i)
+    images = [ct.sample_image(full, clip, vae, embroidery_prompt(s, pair.trigger), height, width, steps, cfg, seed + i)
               for i, s in enumerate(subjects)]
     return images, [flatten_design(img) for img in images]
