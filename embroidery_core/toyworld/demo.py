@@ -7,11 +7,12 @@ The steps are the ones the ComfyUI nodes run, on the toy base model instead of S
 1. The analogy pair: an embedded reference (a render of a toy design in a technique the base
    model never saw) and its flat design, with the prompts "a <subject>" and
    "a <subject> in <trigger> style" (the trigger takes VOCAB's trigger slot).
-2. Stage 1: ``AdapterSet`` on every attention projection, EmoLoRA's four style blocks, a
-   ``Trainer`` and ``run_stage1``, all installed on the plain torch UNet with ``installed``.
+2. Stage 1: ``trainer.train_emolora`` (adapters on every attention projection, EmoLoRA's four
+   style blocks, the ``Trainer`` and ``run_stage1``) on the plain torch UNet.
 3. Stage 2: complementary pairs sampled with the whole stage-1 LoRA (DDIM), flattened to designs
-   with ``images.flatten_design``; a fresh adapter set resumes the exported stage-1 LoRA and
-   ``run_stage2`` trains on the reference pair plus one generated pair per iteration.
+   with ``images.flatten_design``; ``AdapterSet.from_style_lora`` resumes the exported stage-1
+   LoRA, as EmbroideryTrainStage2 does, and ``run_stage2`` trains on the reference pair plus one
+   generated pair per iteration.
 4. Inference loads only the style blocks of the LoRA and turns new designs into embroideries
    (img2img from the design, the toy stand-in for the paper's ControlNet img2img).
 
@@ -32,11 +33,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .. import metrics
-from ..adapters import AdapterSet, installed, linear_targets
+from ..adapters import AdapterSet, installed
 from ..files import atomic_path, write_text
 from ..images import flatten_design, to_pil
 from ..lora_file import StyleLoRA
-from ..trainer import EmoLoRAConfig, PairLatents, Trainer, export, resume_point, run_stage1, run_stage2
+from ..pair import design_prompt, embroidery_prompt
+from ..trainer import (EmoLoRAConfig, PairLatents, Trainer, export, resume_point, run_stage2,
+                       train_emolora)
 from .generator import HELD_OUT, TRIGGER, sample_pair
 from .model import IMAGE_SIZE, PATCH, UNCOND, from_latent, load_toy_model, to_latent, toy_denoiser
 from .sample import ddim
@@ -104,21 +107,17 @@ def make_example(technique: str, design_seed: int) -> Example:
 
 
 def style_prompt(subject: str) -> str:
-    return f"a {subject} in {TRIGGER} style"
+    """The embroidery prompt with the toy world's trigger word."""
+    return embroidery_prompt(subject, TRIGGER)
 
 
 def pair_latents(encoder, design: torch.Tensor, embroidery: torch.Tensor, subject: str) -> PairLatents:
     """What the nodes' _encode_pair makes, with the toy 'VAE' and text encoder."""
-    return PairLatents(to_latent(design), to_latent(embroidery), encoder.encode(f"a {subject}"),
+    return PairLatents(to_latent(design), to_latent(embroidery), encoder.encode(design_prompt(subject)),
                        encoder.encode(style_prompt(subject)))
 
 
 # --- LoRA on the plain torch UNet ------------------------------------------------------------
-
-def adapters_for(unet, modules: list[str], style_blocks: list[str], rank: int, alpha: float,
-                 seed: int) -> AdapterSet:
-    return AdapterSet(linear_targets(unet, modules), style_blocks, rank, alpha, seed=seed)
-
 
 @contextlib.contextmanager
 def lora_applied(unet, lora: StyleLoRA | None, blocks: list[str] | None = None):
@@ -153,15 +152,12 @@ def stylize(unet, encoder, designs: torch.Tensor, subjects: list[str], config: T
 # --- the two stages --------------------------------------------------------------------------
 
 def train_stage1(unet, pair: PairLatents, config: ToyRunConfig, on_step=None) -> StyleLoRA:
-    """EmbroideryTrainStage1's core: all-attention adapters, EmoLoRA's style blocks, run_stage1."""
+    """Stage 1 on all attention layers with EmoLoRA's style blocks (the core's train_emolora,
+    which runs the Trainer and stage functions EmbroideryTrainStage1 runs)."""
     arch = unet.cfg.arch(ARCH)
-    style = arch.preset("emolora_style")
-    emo = config.emolora()
-    adapters = adapters_for(unet, arch.attention_modules(), style, emo.rank, emo.alpha, emo.seed)
-    trainer = Trainer(toy_denoiser(unet), adapters, emo)
-    with installed(unet, adapters):
-        run_stage1(trainer, pair, emo.stage1_iterations, on_step)
-    return export(trainer, ARCH, 1, {"embroidery.trigger": TRIGGER})
+    lora, _ = train_emolora(toy_denoiser(unet), unet, pair, arch.preset("emolora_style"), arch, config.emolora(),
+                            on_step=on_step, metadata={"embroidery.trigger": TRIGGER})
+    return lora
 
 
 def generate_pairs(unet, encoder, lora: StyleLoRA, subjects, config: ToyRunConfig):
