@@ -198,6 +198,15 @@ def stage2_iteration(trainer: Trainer, pair: PairLatents, generated: PairLatents
     return {"design": design, "embroidery": embroidery, "contrastive": contrastive}
 
 
+def single_prompt_iteration(trainer: Trainer, x0: torch.Tensor, cond: Cond) -> dict[str, torch.Tensor]:
+    """One DreamBooth-style step, as B-LoRA and a plain LoRA train: the diffusion loss on ``x0``
+    with one prompt in every block, every adapter trains (no design step, no routing)."""
+    noise, sigma = _draw(trainer, x0)
+    loss = _step_loss(trainer, "all", x0, noise, sigma, cond)
+    trainer.step += 1
+    return {"loss": loss}
+
+
 StepCallback = Callable[[int, int, dict[str, torch.Tensor]], None]
 
 

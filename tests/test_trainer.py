@@ -5,7 +5,8 @@ import torch
 from embroidery_core.adapters import AdapterSet, installed, linear_targets
 from embroidery_core.diffusion import Cond, TorchDenoiser, add_noise, diffusion_loss, target
 from embroidery_core.trainer import (Checkpointer, EmoLoRAConfig, PairLatents, Trainer, _step_loss, export,
-                                     loss_map, resume_point, run_stage1, run_stage2, stage1_iteration)
+                                     loss_map, resume_point, run_stage1, run_stage2, single_prompt_iteration,
+                                     stage1_iteration)
 
 STYLE = ["input_blocks.5.1", "input_blocks.7.1", "output_blocks.1.1", "output_blocks.2.1"]
 
@@ -66,6 +67,15 @@ def test_design_step_changes_every_adapter(tiny_unet):
         before = snapshot(trainer.adapters)
         _step_loss(trainer, "all", pair.design, torch.randn_like(pair.design), torch.tensor([2.0]), pair.design_cond)
     assert changed(before, trainer.adapters) == set(trainer.adapters.names)
+
+
+def test_single_prompt_step_trains_every_adapter_on_the_reference(tiny_unet):
+    trainer, pair = make_trainer(tiny_unet), make_pair()
+    before = snapshot(trainer.adapters)
+    with installed(tiny_unet, trainer.adapters):
+        losses = single_prompt_iteration(trainer, pair.embroidery, pair.embroidery_cond)
+    assert changed(before, trainer.adapters) == set(trainer.adapters.names)
+    assert trainer.step == 1 and torch.isfinite(losses["loss"])
 
 
 def test_router_sends_embroidery_prompt_only_to_style_blocks(tiny_unet):

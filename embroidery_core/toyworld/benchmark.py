@@ -39,11 +39,10 @@ import numpy as np
 import torch
 
 from .. import metrics
-from ..adapters import installed
-from ..diffusion import add_noise, diffusion_loss, target
+from ..adapters import AdapterSet, installed, linear_targets
 from ..files import write_text
 from ..lora_file import StyleLoRA
-from ..trainer import PairLatents, Trainer
+from ..trainer import PairLatents, Trainer, single_prompt_iteration
 from . import demo
 from .classifier import load_classifier, predict
 from .demo import ARCH, METRIC_KEYS, STAGE2_SUBJECTS, ToyRunConfig
@@ -71,18 +70,12 @@ def train_single_prompt(unet, pair: PairLatents, blocks: list[str], iterations: 
     embroidery prompt everywhere (no design step, no router), through the same Trainer."""
     emo = config.emolora()
     arch = unet.cfg.arch(ARCH)
-    adapters = demo.adapters_for(unet, arch.attention_modules(blocks), blocks, emo.rank, emo.alpha, emo.seed)
+    adapters = AdapterSet(linear_targets(unet, arch.attention_modules(blocks)), blocks, emo.rank, emo.alpha,
+                          seed=emo.seed)
     trainer = Trainer(toy_denoiser(unet), adapters, emo)
-    x0, cond = pair.embroidery, pair.embroidery_cond
     with installed(unet, adapters):
         while trainer.step < iterations:
-            g = trainer.generator()
-            noise = torch.randn(x0.shape, generator=g)
-            sigma = trainer.denoiser.sample_sigma(1, g)
-            prediction = trainer.denoiser.prediction
-            out = trainer.predict(add_noise(prediction, x0, noise, sigma), sigma, cond)
-            trainer.update("all", diffusion_loss(out, target(prediction, x0, noise, sigma)))
-            trainer.step += 1
+            single_prompt_iteration(trainer, pair.embroidery, pair.embroidery_cond)
     return adapters.to_style_lora(ARCH, {"embroidery.method": "single_prompt", "embroidery.step": str(trainer.step)})
 
 
