@@ -42,12 +42,14 @@ from .. import metrics
 from ..adapters import AdapterSet, installed, linear_targets
 from ..files import write_text
 from ..lora_file import StyleLoRA
+from ..pair import embroidery_prompt
 from ..trainer import PairLatents, Trainer, single_prompt_iteration
 from . import demo
 from .classifier import load_classifier, predict
 from .demo import ARCH, METRIC_KEYS, STAGE2_SUBJECTS, ToyRunConfig
 from .generator import HELD_OUT, TECHNIQUES
-from .model import from_latent, load_toy_model, to_latent, toy_denoiser
+from .model import load_toy_model, toy_denoiser
+from .sample import generate
 
 BENCH_REFERENCE_SEED = 4_000_000  # + 1000 x technique index + reference index
 BENCH_DESIGN_SEED = 4_500_000
@@ -152,12 +154,12 @@ def base_check(designs: int, strengths=(0.6, 0.9), techniques=TECHNIQUES, weight
     lines = [header, "|---|" + "---:|---:|" * len(strengths)]
     for technique in techniques:
         targets = demo.new_designs(designs, technique, BENCH_DESIGN_SEED)
-        init = to_latent(torch.cat([t.design for t in targets]))
-        prompts = [f"a {t.subject} in {technique} style" for t in targets]
-        cells = []
+        designs_in = torch.cat([t.design for t in targets])
+        prompts = [embroidery_prompt(t.subject, technique) for t in targets]
+        config, cells = ToyRunConfig(), []
         for strength in strengths:
-            config = ToyRunConfig(strength=strength)
-            out = from_latent(demo.sample_latents(unet, encoder, prompts, config, 0, init=init)).numpy()
+            out = generate(unet, encoder, prompts, config.sample_steps, config.cfg, 0, init_images=designs_in,
+                           strength=strength).numpy()
             accuracy = np.mean([p == technique for p in predict(classifier, out)])
             hfrd_gt = np.mean([metrics.hfrd(o, t.embroidery[0].numpy()) for o, t in zip(out, targets)])
             cells += [f"{accuracy:.2f}", f"{hfrd_gt:.1f}"]

@@ -41,8 +41,8 @@ from ..pair import design_prompt, embroidery_prompt
 from ..trainer import (EmoLoRAConfig, PairLatents, Trainer, export, resume_point, run_stage2,
                        train_emolora)
 from .generator import HELD_OUT, TRIGGER, sample_pair
-from .model import IMAGE_SIZE, PATCH, UNCOND, from_latent, load_toy_model, to_latent, toy_denoiser
-from .sample import ddim
+from .model import load_toy_model, to_latent, toy_denoiser
+from .sample import generate
 
 log = logging.getLogger("embroidery_core.toyworld.demo")
 
@@ -132,21 +132,12 @@ def lora_applied(unet, lora: StyleLoRA | None, blocks: list[str] | None = None):
         yield
 
 
-def sample_latents(unet, encoder, prompts: list[str], config: ToyRunConfig, seed: int,
-                   init: torch.Tensor | None = None) -> torch.Tensor:
-    """DDIM with classifier-free guidance; img2img from ``init`` latents at config.strength."""
-    side = IMAGE_SIZE // PATCH
-    shape = (len(prompts), unet.cfg.in_channels, side, side) if init is None else tuple(init.shape)
-    return ddim(toy_denoiser(unet), encoder.encode(prompts), encoder.encode(UNCOND), shape,
-                config.sample_steps, config.cfg, seed, init, config.strength)
-
-
 def stylize(unet, encoder, designs: torch.Tensor, subjects: list[str], config: ToyRunConfig,
             lora: StyleLoRA | None = None, blocks: list[str] | None = None, seed: int = 0) -> torch.Tensor:
     """New designs [B, H, W, 3] -> embroideries "a <subject> in <trigger> style", img2img."""
     with lora_applied(unet, lora, blocks):
-        return from_latent(sample_latents(unet, encoder, [style_prompt(s) for s in subjects], config, seed,
-                                          init=to_latent(designs)))
+        return generate(unet, encoder, [style_prompt(s) for s in subjects], config.sample_steps, config.cfg, seed,
+                        init_images=designs, strength=config.strength)
 
 
 # --- the two stages --------------------------------------------------------------------------
@@ -164,8 +155,8 @@ def generate_pairs(unet, encoder, lora: StyleLoRA, subjects, config: ToyRunConfi
     """Stage 2's complementary pairs: txt2img with the whole stage-1 LoRA, each flattened.
     Returns (images [N, H, W, 3], designs [N, H, W, 3], list of PairLatents)."""
     with lora_applied(unet, lora):
-        images = from_latent(sample_latents(unet, encoder, [style_prompt(s) for s in subjects], config,
-                                            config.seed))
+        images = generate(unet, encoder, [style_prompt(s) for s in subjects], config.sample_steps, config.cfg,
+                          config.seed)
     designs = flatten_design(images, colours=FLATTEN_COLOURS, outline=0.0)
     latents = [pair_latents(encoder, d[None], i[None], s) for s, i, d in zip(subjects, images, designs)]
     return images, designs, latents
