@@ -27,7 +27,7 @@ from torch import nn
 
 from ..files import atomic_path
 from .generator import TECHNIQUES, make_design, render_embroidery
-from .model import IMAGE_SIZE
+from .model import IMAGE_SIZE, read_metadata
 from .train_base import TRAIN_DESIGN_SEEDS
 
 CLASSES = TECHNIQUES + ("design",)
@@ -126,8 +126,7 @@ def save_classifier(path: str, model: TechniqueClassifier, metadata: dict[str, s
 
 def load_classifier(path: str | None = None) -> TechniqueClassifier:
     path = path or WEIGHTS
-    with safetensors.safe_open(path, framework="pt") as f:
-        meta = dict(f.metadata() or {})
+    meta = read_metadata(path)
     if meta.get("format") != FORMAT or tuple(json.loads(meta["classes"])) != CLASSES:
         raise ValueError(f"{path} is not a technique classifier for classes {CLASSES}")
     model = TechniqueClassifier(int(json.loads(meta["config"])["width"]))
