@@ -46,3 +46,22 @@ def test_base_check_has_a_row_per_technique_and_marks_the_held_out_ones():
     assert table[2].startswith("| `satin` |") and table[3].startswith("| `chain` (held out) |")
     accuracy, hfrd_gt = (float(c) for c in table[2].strip("|").split("|")[1:])
     assert 0.0 <= accuracy <= 1.0 and hfrd_gt >= 0.0
+
+
+def test_round_trip_check_starts_from_the_renders_the_classifier_reads():
+    torch.set_num_threads(1)
+    table = benchmark.base_check(1, strengths=(0.1,), techniques=("satin",), round_trip=True).splitlines()
+    assert table[0].startswith("| Technique | acc. of render | acc. @ 0.1 | HFRD(gt) @ 0.1 |")
+    assert table[1].count("---:") == 3
+    on_render, accuracy, hfrd_gt = (float(c) for c in table[2].strip("|").split("|")[1:])
+    assert on_render == 1.0  # the classifier reads the generator's own render
+    assert 0.0 <= accuracy <= 1.0
+    # Starting from the render at strength 0.1 keeps it nearly as it is; from the flat design
+    # (the ordinary check) the output is nowhere near the render.
+    from_design = benchmark.base_check(1, strengths=(0.1,), techniques=("satin",)).splitlines()[2]
+    assert hfrd_gt < float(from_design.strip("|").split("|")[2])
+
+
+def test_round_trip_needs_base_check():
+    with pytest.raises(SystemExit):
+        benchmark.main(["--round-trip"])

@@ -45,7 +45,7 @@ from ..lora_file import StyleLoRA
 from ..pair import embroidery_prompt
 from ..trainer import PairLatents, Trainer, single_prompt_iteration
 from . import demo
-from .classifier import load_classifier, predict
+from .classifier import load_classifier, technique_accuracy
 from .demo import ARCH, METRIC_KEYS, STAGE2_SUBJECTS, ToyRunConfig
 from .generator import HELD_OUT, TECHNIQUES
 from .model import load_toy_model, toy_denoiser
@@ -60,6 +60,7 @@ LABELS = {"emolora": "EmoLoRA (stage 1 + 2)", "emolora_stage1": "EmoLoRA, no sta
 COLUMNS = (("hfrd", "HFRD ↓"), ("hist_ref", "Hist(ref) ↑"), ("hist_design", "Hist(design) ↓"),
            ("content_iou", "IoU ↑"), ("technique_accuracy", "Technique acc. ↑"), ("hfrd_gt", "HFRD(gt) ↓"),
            ("hist_gt", "Hist(gt) ↑"))
+ROUND_TRIP_STRENGTHS = (0.1, 0.2, 0.45)  # --base-check --round-trip: little, some and much of the render kept
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 log = logging.getLogger("embroidery_core.toyworld.benchmark")
 
@@ -143,26 +144,34 @@ def run(refs: int, designs: int, seeds: int, techniques=HELD_OUT, config: ToyRun
 
 # --- the base model's own ceiling -----------------------------------------------------------
 
-def base_check(designs: int, strengths=(0.6, 0.9), techniques=TECHNIQUES, weights: str | None = None) -> str:
+def base_check(designs: int, strengths=(0.6, 0.9), techniques=TECHNIQUES, weights: str | None = None,
+               round_trip: bool = False) -> str:
     """How well the base model draws each technique by its own word, no LoRA, same protocol
     (img2img from the benchmark's new designs, "a <subject> in <technique> style"). For the
     training techniques this is the ceiling a one-shot LoRA builds on. A markdown table of
-    technique accuracy and HFRD(gt), one row per technique, one column pair per strength."""
+    technique accuracy and HFRD(gt), one row per technique, one column pair per strength.
+
+    ``round_trip``: start from the ground-truth renders of those designs instead, so the model
+    only has to keep stitches it is shown, and add a first column with the classifier's accuracy
+    on the renders themselves. It tells a base model that loses textures apart from a classifier
+    that cannot read them."""
     unet, encoder = load_toy_model(weights)
     classifier = load_classifier()
-    header = "| Technique | " + " | ".join(f"acc. @ {s} | HFRD(gt) @ {s}" for s in strengths) + " |"
-    lines = [header, "|---|" + "---:|---:|" * len(strengths)]
+    header = "| Technique | " + ("acc. of render | " if round_trip else "") \
+        + " | ".join(f"acc. @ {s} | HFRD(gt) @ {s}" for s in strengths) + " |"
+    lines = [header, "|---|" + ("---:|" if round_trip else "") + "---:|---:|" * len(strengths)]
     for technique in techniques:
         targets = demo.new_designs(designs, technique, BENCH_DESIGN_SEED)
-        designs_in = torch.cat([t.design for t in targets])
+        renders = torch.cat([t.embroidery for t in targets])
+        start = renders if round_trip else torch.cat([t.design for t in targets])
         prompts = [embroidery_prompt(t.subject, technique) for t in targets]
-        config, cells = ToyRunConfig(), []
+        config = ToyRunConfig()
+        cells = [f"{technique_accuracy(classifier, renders.numpy(), technique):.2f}"] if round_trip else []
         for strength in strengths:
-            out = generate(unet, encoder, prompts, config.sample_steps, config.cfg, 0, init_images=designs_in,
+            out = generate(unet, encoder, prompts, config.sample_steps, config.cfg, 0, init_images=start,
                            strength=strength).numpy()
-            accuracy = np.mean([p == technique for p in predict(classifier, out)])
             hfrd_gt = np.mean([metrics.hfrd(o, t.embroidery[0].numpy()) for o, t in zip(out, targets)])
-            cells += [f"{accuracy:.2f}", f"{hfrd_gt:.1f}"]
+            cells += [f"{technique_accuracy(classifier, out, technique):.2f}", f"{hfrd_gt:.1f}"]
         held = " (held out)" if technique in HELD_OUT else ""
         lines.append(f"| `{technique}`{held} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -238,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the demo's smoke-run iterations (checks the script only)")
     parser.add_argument("--base-check", action="store_true",
                         help="only print how well the base model draws every technique by its own word (no LoRA)")
+    parser.add_argument("--round-trip", action="store_true",
+                        help="with --base-check: start from the ground-truth renders at low strengths, to see "
+                             "whether the base model keeps stitches it is shown")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
@@ -245,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in techniques if t not in HELD_OUT]
     if unknown:
         parser.error(f"not held-out techniques: {unknown}; choose from {HELD_OUT}")
+    if args.round_trip and not args.base_check:
+        parser.error("--round-trip only applies to --base-check")
     if args.base_check:
-        print(base_check(args.designs, weights=args.weights))
+        strengths = ROUND_TRIP_STRENGTHS if args.round_trip else (0.6, 0.9)
+        print(base_check(args.designs, strengths, weights=args.weights, round_trip=args.round_trip))
         return 0
     start = time.monotonic()
     runs = run(args.refs, args.designs, args.seeds, techniques, ToyRunConfig(**(demo.QUICK if args.quick else {})),
