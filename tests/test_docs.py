@@ -35,6 +35,22 @@ def test_every_node_has_a_help_page_and_a_readme_entry():
         assert f"`{node_id}`" in readme, f"README does not mention {node_id}"
 
 
+def test_readme_node_table_has_a_row_per_node():
+    """One unbroken markdown table under "## Nodes": a blank line inside it would end the
+    table, and GitHub shows the rows after it as plain text."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("\n## Nodes\n", 1)[1].split("\n## ", 1)[0]
+    lines = section.strip("\n").splitlines()
+    table = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    assert table[1].replace(" ", "").startswith("|---|"), table[:2]
+    rows = {line.split("|")[1].strip().strip("`") for line in table[2:]}
+    assert rows == node_ids()
+
+
 def test_readme_pictures_exist_for_every_template():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
