@@ -163,7 +163,8 @@ def _trainer_inputs(iterations: int, stage: int) -> list:
 def _trainer_outputs() -> list:
     return [StyleLoRAType.Output(display_name="lora", tooltip="The whole trained LoRA (save it to resume or share)."),
             io.Model.Output(display_name="model", tooltip="The input model with the LoRA's style blocks applied."),
-            io.LossMap.Output(display_name="loss", tooltip="Per-step losses for LossGraphNode.")]
+            io.LossMap.Output(display_name="loss", tooltip="Per-step losses of this run for LossGraphNode "
+                                                           "(ComfyUI's plot needs two or more steps).")]
 
 
 def _checkpoint_saver(pair, stage: int):
