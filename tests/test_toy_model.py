@@ -70,6 +70,17 @@ def test_training_script_writes_a_loadable_file_of_that_architecture(tmp_path):
     assert _shapes(reloaded.state_dict()) == _shapes(load_toy_model()[0].state_dict())
 
 
+def test_training_script_trains_a_wider_unet_with_the_same_head_width(tmp_path):
+    path = str(tmp_path / "wide.safetensors")
+    assert train_base.main(["--out", path, "--steps", "1", "--batch", "2", "--model-channels", "48"]) == 0
+    unet, _ = load_toy_model(path)
+    assert unet.cfg.model_channels == 48 and unet.cfg.heads == 3
+    assert unet.cfg.model_channels // unet.cfg.heads == TOY_UNET.model_channels // TOY_UNET.heads
+    assert train_base.wider(TOY_UNET.model_channels) == TOY_UNET  # the shipped width is the default
+    with pytest.raises(SystemExit):
+        train_base.main(["--out", path, "--model-channels", "40"])
+
+
 def test_base_training_is_reproducible():
     """The README's "same command, same file": data, noise and timesteps come from the seed."""
     config = train_base.BaseTrainConfig(steps=3, batch=2, warmup=1)

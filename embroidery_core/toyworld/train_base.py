@@ -1,6 +1,6 @@
 """Train the toy world's base model: designs and the TRAIN_TECHNIQUES embroideries, with prompts.
 
-    python -m embroidery_core.toyworld.train_base --out toy_base.safetensors [--steps N] [--minutes M]
+    python -m embroidery_core.toyworld.train_base --out toy_base.safetensors [--steps N] [--minutes M] [--model-channels C]
 
 What it sees: flat designs prompted "a red circle blue star" and their embroideries in the four
 training techniques prompted "a red circle blue star in satin style" (the technique word is the
@@ -28,12 +28,13 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from ..diffusion import TorchDenoiser, add_noise, diffusion_loss, target
+from ..tiny_unet import TinyUNetConfig
 from .generator import TRAIN_TECHNIQUES, make_design, render_embroidery
 from .model import IMAGE_SIZE, TOY_UNET, UNCOND, build_toy_model, save_toy_model, to_latent
 
@@ -59,6 +60,14 @@ class BaseTrainConfig:
     uncond_fraction: float = 0.1
     threads: int = 1
     prediction: str = "v"  # see the module docstring
+
+
+HEAD_CHANNELS = TOY_UNET.model_channels // TOY_UNET.heads  # 16
+
+
+def wider(model_channels: int) -> TinyUNetConfig:
+    """The toy UNet at another width, with as many channels per attention head as the shipped one."""
+    return replace(TOY_UNET, model_channels=model_channels, heads=model_channels // HEAD_CHANNELS)
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -105,11 +114,13 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: f
         e.copy_(b)
 
 
-def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int = 100, on_log=None):
+def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int = 100, on_log=None,
+          unet_config: TinyUNetConfig = TOY_UNET):
     """Returns the EMA (unet, encoder), the steps done and the mean loss per ``log_every`` steps.
-    ``on_log(step, ema_unet, ema_encoder, history)`` is called after each log line."""
+    ``on_log(step, ema_unet, ema_encoder, history)`` is called after each log line.
+    ``unet_config`` is the architecture (recorded in the saved file's metadata)."""
     torch.manual_seed(config.seed)
-    unet, encoder = build_toy_model(TOY_UNET)
+    unet, encoder = build_toy_model(unet_config)
     ema = copy.deepcopy(torch.nn.ModuleList([unet, encoder])).requires_grad_(False)
     params = list(unet.parameters()) + list(encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -160,7 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--prediction", default=defaults.prediction, choices=("eps", "v"))
     parser.add_argument("--save-every", type=int, default=0, help="also save the EMA every N steps (0 = end only)")
+    parser.add_argument("--model-channels", type=int, default=TOY_UNET.model_channels,
+                        help="UNet width (a multiple of 16; heads grow with it, 16 channels each); "
+                             "the shipped model is %(default)s")
     args = parser.parse_args(argv)
+    if args.model_channels < 16 or args.model_channels % HEAD_CHANNELS:
+        parser.error(f"--model-channels must be a positive multiple of {HEAD_CHANNELS}, got {args.model_channels}")
+    unet_config = wider(args.model_channels)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     config = BaseTrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, threads=args.threads,
                              prediction=args.prediction)
@@ -180,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_every and step % args.save_every == 0:
             save(step, unet, encoder, history)
 
-    unet, encoder, done, history = train(config, args.minutes, on_log=checkpoint)
+    unet, encoder, done, history = train(config, args.minutes, on_log=checkpoint, unet_config=unet_config)
     minutes = save(done, unet, encoder, history)
     log.info("saved %s after %d steps in %.1f min", args.out, done, minutes)
     return 0
