@@ -22,14 +22,28 @@ log = logging.getLogger(__name__)
 
 
 def prediction_type(model) -> str:
+    """"eps", "v" or "flow": what the raw UNet output of ``model`` is, for the targets in
+    embroidery_core.diffusion. Those assume sigma_data 1 (every SD1.5/SDXL checkpoint), so EDM and
+    x0 parameterisations (which subclass ComfyUI's V_PREDICTION and EPS) are refused rather than
+    trained against the wrong target."""
     sampling = model.get_model_object("model_sampling")
+    name = type(sampling).__name__
+    fix = ("remove the ModelSampling node in front of this one, or load a standard eps or "
+           "v-prediction SD1.5/SDXL checkpoint")
+    refused = tuple(getattr(comfy.model_sampling, n) for n in ("EDM", "X0") if hasattr(comfy.model_sampling, n))
+    if isinstance(sampling, refused):
+        kind = next(c.__name__ for c in refused if isinstance(sampling, c))
+        raise ValueError(f"the model samples with {kind} prediction ({name}), which the trainers do not implement; {fix}")
+    sigma_data = float(getattr(sampling, "sigma_data", 1.0))
+    if sigma_data != 1.0:
+        raise ValueError(f"the model's sampling has sigma_data {sigma_data:g}; the trainers need 1 (SD's own); {fix}")
     if isinstance(sampling, comfy.model_sampling.CONST):
         return "flow"
     if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
         return "v"
     if isinstance(sampling, comfy.model_sampling.EPS):
         return "eps"
-    raise ValueError(f"unsupported model sampling {type(sampling).__name__}")
+    raise ValueError(f"the model's sampling {name} is not eps, v-prediction or flow; {fix}")
 
 
 class ComfyDenoiser:

@@ -117,7 +117,7 @@ class EmbroideryFindStyleBlocks(io.ComfyNode):
     def execute(cls, model, clip, vae, pair, selection, top_k, timesteps, seed) -> io.NodeOutput:
         node = "Find Style Blocks"
         check_choice(selection, SELECTIONS, "selection", node)
-        arch = model_family(model, node)
+        arch = _trainable_family(model, node)
         recorder = block_metric.FeatureRecorder(arch.attention_modules())
         latents = _encode_pair(model, clip, vae, pair, model.load_device)
         with ct.training_session(model, recorder, trainable_graph=False) as clone, torch.no_grad():
@@ -199,6 +199,16 @@ def _resume(name: str, arch: str, stage: int, node: str):
     return lora, step
 
 
+def _trainable_family(model, node: str):
+    """model_family, and the model's noise parameterisation checked before any work is done."""
+    arch = model_family(model, node)
+    try:
+        ct.prediction_type(model)
+    except ValueError as e:
+        raise NodeInputError(node, str(e)) from e
+    return arch
+
+
 def _train(cls, node, model, adapters, config, pair, latents_fn, stage, start, until, run, kw, extra_meta=None):
     """Shared body of both trainers: session, progress, checkpoints, outputs."""
     arch = model_family(model, node)
@@ -249,7 +259,7 @@ class EmbroideryTrainStage1(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, pair, style_blocks, rank, alpha, **kw) -> io.NodeOutput:
         node = "Train Embroidery LoRA (Stage 1)"
-        arch = model_family(model, node)
+        arch = _trainable_family(model, node)
         blocks = _style_blocks(style_blocks, arch, node)
         config = EmoLoRAConfig(rank=rank, alpha=alpha, learning_rate=kw["learning_rate"],
                                weight_decay=kw["weight_decay"], stage1_iterations=kw["iterations"], seed=kw["seed"])
@@ -303,7 +313,7 @@ class EmbroideryTrainStage2(io.ComfyNode):
     def execute(cls, model, clip, vae, pair, lora, subjects, generated_weight, contrastive_weight, tau,
                 sample_steps, cfg, **kw) -> io.NodeOutput:
         node = "Train Embroidery LoRA (Stage 2)"
-        arch = model_family(model, node)
+        arch = _trainable_family(model, node)
         lines = [s.strip() for s in subjects.splitlines() if s.strip()]
         if not lines:
             raise NodeInputError(node, "subjects is empty; write one subject per line, e.g. 'red apple'")

@@ -101,3 +101,46 @@ def test_progress_shows_a_preview_even_without_a_server_preview_method(pack, sd1
     assert seen and seen[0][:2] == (1, 2)
     kind, image, _ = seen[0][2]
     assert kind == "JPEG" and image.size == (8, 8)  # Latent2RGB: one pixel per latent
+
+
+def _with_sampling(model, prediction, base="ModelSamplingDiscrete", sigma_data=None):
+    """``model`` with its model_sampling replaced the way ComfyUI's ModelSampling* nodes do it."""
+    import comfy.model_sampling as ms
+
+    sampling_class = type("Sampling", (getattr(ms, base), getattr(ms, prediction)), {})
+    sampling = sampling_class(model.model.model_config)
+    if sigma_data is not None:
+        sampling.set_parameters(0.002, 120.0, sigma_data)
+    patched = model.clone()
+    patched.add_object_patch("model_sampling", sampling)
+    return patched
+
+
+@pytest.mark.parametrize("prediction, base, sigma_data, message", [
+    ("X0", "ModelSamplingDiscrete", None, "samples with X0 prediction"),
+    ("IMG_TO_IMG", "ModelSamplingDiscrete", None, "samples with X0 prediction"),
+    ("EDM", "ModelSamplingContinuousEDM", 0.5, "samples with EDM prediction"),
+    ("V_PREDICTION", "ModelSamplingContinuousEDM", 0.5, "sigma_data 0.5"),
+])
+def test_parameterisations_the_trainers_do_not_implement_are_refused(pack, sd15, pair, prediction, base, sigma_data,
+                                                                      message):
+    """EDM subclasses V_PREDICTION and X0 subclasses EPS in ComfyUI: without the check they
+    would train against the v or eps target, silently wrong."""
+    model, clip, vae = sd15
+    patched = _with_sampling(model, prediction, base, sigma_data)
+    with pytest.raises(ValueError, match=f"Train Embroidery LoRA \\(Stage 1\\): the model.*{message}.*ModelSampling"):
+        stage1(pack, patched, clip, vae, pair, iterations=1)
+    with pytest.raises(ValueError, match=f"Find Style Blocks: .*{message}"):
+        with torch.inference_mode():
+            pack["EmbroideryFindStyleBlocks"].execute(patched, clip, vae, pair, "paper preset", 2, 2, 0)
+
+
+def test_a_v_prediction_model_trains_against_the_v_target(pack, sd15, pair, loras_dir):
+    import sys
+
+    bridge = next(m for n, m in sys.modules.items() if n.endswith(".nodes.comfy_training"))
+    model, clip, vae = sd15
+    v_model = _with_sampling(model, "V_PREDICTION")
+    assert bridge.prediction_type(v_model) == "v" and bridge.prediction_type(model) == "eps"
+    _, _, losses = stage1(pack, v_model, clip, vae, pair, iterations=1)
+    assert len(losses["loss"]) == 1
