@@ -33,7 +33,6 @@ import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import types
@@ -583,25 +582,12 @@ def add_ratios(ours: list[Row], theirs: list[Row]) -> None:
 
 # ---------------------------------------------------------------------------- report
 
-def git_commit() -> dict:
-    def git(*args):
-        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    return {"commit": commit, "dirty": None if dirty is None else bool(dirty)}
-
-
 def environment(device: torch.device, backend: str, comfy_version: str | None) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"backend": backend, "device": str(device), "gpu": gpu, "cpu": platform.processor() or platform.machine(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
             "comfyui": comfy_version, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "threads": torch.get_num_threads(), **git_commit()}
+            "threads": torch.get_num_threads(), **pack("embroidery_core.provenance").git_commit(ROOT)}
 
 
 def table(rows: list[Row]) -> str:

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from embroidery_core.provenance import git_commit
 from embroidery_core.toyworld import benchmark
 
 
@@ -25,6 +26,7 @@ def test_smoke_run_writes_a_table_of_every_method_and_keeps_the_prose(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Fidelity\n\nProse a person wrote.") and text.endswith("More prose.\n")
     assert "old numbers" not in text and "--refs 1 --designs 1 --seeds 1" in text
+    assert f"commit: `{git_commit()['commit'] or 'unknown'}`" in text
     for method in benchmark.METHODS:
         assert f"| {benchmark.LABELS[method]} |" in text
     runs = json.loads(runs_json.read_text())["runs"]

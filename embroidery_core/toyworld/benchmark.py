@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -43,6 +42,7 @@ from ..adapters import AdapterSet, installed, linear_targets
 from ..files import write_text
 from ..lora_file import StyleLoRA
 from ..pair import embroidery_prompt
+from ..provenance import git_commit
 from ..trainer import PairLatents, Trainer, single_prompt_iteration
 from . import demo
 from .classifier import load_classifier, technique_accuracy
@@ -203,7 +203,7 @@ def results_block(runs: list[dict], args, minutes: float) -> str:
     parts = [RESULTS_START, "",
              f"- Command: `python -m embroidery_core.toyworld.benchmark --refs {args.refs} --designs {args.designs} "
              f"--seeds {args.seeds}" + (f" --weights {args.weights}" if args.weights else "") + "`",
-             f"- Date: {datetime.date.today().isoformat()}; commit: `{_commit()}` (plus the working tree of this "
+             f"- Date: {datetime.date.today().isoformat()}; commit: `{git_commit()['commit'] or 'unknown'}` (plus the working tree of this "
              "change); torch " + torch.__version__ + f"; {platform.machine()} CPU, {torch.get_num_threads()} thread(s).",
              f"- Size: {len(techniques)} held-out techniques x {args.refs} reference(s) x {args.seeds} seed(s) = "
              f"{len(runs)} runs, each turning the same {args.designs} new designs; wall clock {minutes:.1f} min.",
@@ -224,14 +224,6 @@ def write_doc(path: str, block: str) -> None:
     head, rest = text.split(RESULTS_START, 1)
     tail = rest.split(RESULTS_END, 1)[1]
     write_text(path, head + block + tail)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

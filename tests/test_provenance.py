@@ -1,0 +1,27 @@
+"""The commit a benchmark report names: HEAD's hash and whether tracked files were changed."""
+import shutil
+import subprocess
+
+import pytest
+
+from embroidery_core.provenance import git_commit
+
+
+def test_outside_a_repository_there_is_no_commit(tmp_path):
+    assert git_commit(tmp_path) == {"commit": None, "dirty": None}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_commit_and_dirty_flag_of_a_checkout(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("one")
+    git("add", "a.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    assert git_commit(tmp_path) == {"commit": git("rev-parse", "HEAD").strip(), "dirty": False}
+    (tmp_path / "untracked.txt").write_text("not counted")
+    assert git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "a.txt").write_text("two")
+    assert git_commit(tmp_path)["dirty"] is True
