@@ -157,6 +157,7 @@ def base_check(designs: int, strengths=(0.6, 0.9), techniques=TECHNIQUES, weight
     that cannot read them."""
     unet, encoder = load_toy_model(weights)
     classifier = load_classifier()
+    config = ToyRunConfig()
     header = "| Technique | " + ("acc. of render | " if round_trip else "") \
         + " | ".join(f"acc. @ {s} | HFRD(gt) @ {s}" for s in strengths) + " |"
     lines = [header, "|---|" + ("---:|" if round_trip else "") + "---:|---:|" * len(strengths)]
@@ -165,7 +166,6 @@ def base_check(designs: int, strengths=(0.6, 0.9), techniques=TECHNIQUES, weight
         renders = torch.cat([t.embroidery for t in targets])
         start = renders if round_trip else torch.cat([t.design for t in targets])
         prompts = [embroidery_prompt(t.subject, technique) for t in targets]
-        config = ToyRunConfig()
         cells = [f"{technique_accuracy(classifier, renders.numpy(), technique):.2f}"] if round_trip else []
         for strength in strengths:
             out = generate(unet, encoder, prompts, config.sample_steps, config.cfg, 0, init_images=start,

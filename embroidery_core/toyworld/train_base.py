@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="UNet width (a multiple of 16; heads grow with it, 16 channels each); "
                              "the shipped model is %(default)s")
     args = parser.parse_args(argv)
-    if args.model_channels < 16 or args.model_channels % HEAD_CHANNELS:
+    if args.model_channels < HEAD_CHANNELS or args.model_channels % HEAD_CHANNELS:
         parser.error(f"--model-channels must be a positive multiple of {HEAD_CHANNELS}, got {args.model_channels}")
     unet_config = wider(args.model_channels)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
