@@ -80,6 +80,7 @@ PEFT_METADATA_KEY = "lora_adapter_metadata"
 # How kohya / Stability name each family in metadata; read back to know the family of a file.
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+FAMILY_NAMES = {"sd15": "SD1.x/SD2.x", "sdxl": "SDXL"}
 SDXL_CONTEXT_DIM = 2048  # cross-attention width (CLIP-L + OpenCLIP-G); SD1.x has 768, SD2.x 1024
 
 _TRANSFORMER_INDEX = re.compile(r"transformer_blocks[._](\d+)[._]")
@@ -195,6 +196,27 @@ class StyleLoRA:
             modules[path] = dataclasses.replace(m, up=(m.up.float() * factor).to(m.up.dtype))
         return StyleLoRA(self.arch, modules, dict(self.metadata))
 
+    def non_finite(self) -> list[str]:
+        """Module paths whose weights hold NaN or inf (a diverged training, a damaged file)."""
+        return [p for p, m in self.modules.items()
+                if not (torch.isfinite(m.down).all() and torch.isfinite(m.up).all())]
+
+    def misfits(self, weight_shapes: dict[str, tuple[int, ...]]) -> list[str]:
+        """What does not fit a model whose weights have ``weight_shapes`` ({module path: weight
+        shape}): modules the model lacks and updates of another shape. Convs compare flattened,
+        since TrainLoraNode stores their downs 2-D."""
+        problems = []
+        for path, m in self.modules.items():
+            shape = weight_shapes.get(path)
+            if shape is None:
+                problems.append(f"{path} (the model has no such layer)")
+                continue
+            want = (shape[0], math.prod(shape[1:]))
+            got = (m.up.shape[0], math.prod(m.down.shape[1:]))
+            if want != got:
+                problems.append(f"{path} (LoRA {got[0]}x{got[1]}, model {'x'.join(map(str, shape))})")
+        return problems
+
     def block_norms(self) -> dict[str, float]:
         """Per block, ``sqrt(sum ||delta||_F²)`` over its modules: how much each block changes the model."""
         squares: dict[str, float] = {}
@@ -203,6 +225,29 @@ class StyleLoRA:
             if block is not None:
                 squares[block] = squares.get(block, 0.0) + m.norm() ** 2
         return {b: math.sqrt(squares[b]) for b in sorted(squares, key=block_sort_key)}
+
+
+def require_finite(lora: StyleLoRA, what: str = "this LoRA") -> StyleLoRA:
+    """``lora``, or ValueError naming its NaN/inf modules."""
+    bad = lora.non_finite()
+    if bad:
+        raise ValueError(f"{what} has NaN or inf weights in {len(bad)} of {len(lora.modules)} modules "
+                         f"(e.g. {bad[0]}): it comes from a training that diverged or the file is damaged; "
+                         "use an earlier checkpoint, or retrain with a lower learning rate or fp32")
+    return lora
+
+
+def require_fit(lora: StyleLoRA, weight_shapes: dict[str, tuple[int, ...]], model_family: str,
+                what: str = "this LoRA") -> StyleLoRA:
+    """``lora``, or ValueError when any of its modules does not fit the model (another family or
+    width: an SD1.5 LoRA on SDXL, an SD2.x LoRA on SD1.5), before anything is patched."""
+    bad = lora.misfits(weight_shapes)
+    if bad:
+        raise ValueError(f"{what} does not fit this {FAMILY_NAMES[model_family]} model: {len(bad)} of "
+                         f"{len(lora.modules)} modules differ, e.g. {'; '.join(bad[:3])}. It was trained on "
+                         "another model family or width; pick a LoRA trained on this checkpoint's family, or "
+                         "load the checkpoint it was trained on")
+    return lora
 
 
 def lora_from_modules(arch: str, modules: dict[str, tuple], metadata: dict[str, str] | None = None) -> StyleLoRA:
@@ -265,6 +310,7 @@ def save_lora(lora: StyleLoRA, path: str | os.PathLike) -> str:
         raise ValueError(f"LoRA files are saved as .safetensors only; name the file {stem + SAFETENSORS_EXTENSION!r}")
     if not lora.modules:
         raise ValueError("this LoRA has no modules (were all its blocks filtered out?); nothing to save")
+    require_finite(lora)
     state_dict, metadata = to_kohya_state_dict(lora), kohya_metadata(lora)
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(state_dict, tmp, metadata=metadata)
@@ -302,6 +348,17 @@ def _classify(key: str) -> tuple[str, str]:
     return "unknown", key
 
 
+def _alpha_value(key: str, tensor: torch.Tensor) -> float:
+    """An ``.alpha`` entry as one finite number; anything else names the key."""
+    if tensor.numel() != 1:
+        raise ValueError(f"{key} holds {tensor.numel()} values {tuple(tensor.shape)}; a LoRA alpha is one "
+                         f"number, so the file is damaged or not a LoRA: re-export or re-download it")
+    value = float(tensor.float().item())
+    if not math.isfinite(value):
+        raise ValueError(f"{key} is {value}; a LoRA alpha must be a finite number: re-export or re-download the file")
+    return value
+
+
 def _sort_keys(sd: dict[str, torch.Tensor]) -> _SortedKeys:
     keys = _SortedKeys()
     for key, tensor in sd.items():
@@ -311,7 +368,7 @@ def _sort_keys(sd: dict[str, torch.Tensor]) -> _SortedKeys:
         elif kind == "up":
             keys.ups[prefix] = tensor
         elif kind == "alpha":
-            keys.alphas[prefix] = float(tensor.item())
+            keys.alphas[prefix] = _alpha_value(key, tensor)
         elif kind == "te":
             keys.text_encoder += 1
         elif kind == "skip":
@@ -478,8 +535,14 @@ def load_lora(path: str | os.PathLike, arch: str | None = None) -> StyleLoRA:
     if not os.path.isfile(path):
         raise ValueError(f"LoRA file not found: {path}")
     sd, metadata = _read_safetensors(path)
-    arch = arch or _arch_from_metadata(metadata) or _guess_arch(sd)
+    name = os.path.basename(path)
+    recorded = _arch_from_metadata(metadata)
+    if arch is not None and recorded is not None and recorded != arch:
+        raise ValueError(f"{name} is a LoRA for {FAMILY_NAMES[recorded]} (its metadata says so) and the model is "
+                         f"{FAMILY_NAMES[arch]}; pick a LoRA trained on {FAMILY_NAMES[arch]}, or load a "
+                         f"{FAMILY_NAMES[recorded]} checkpoint")
+    arch = arch or recorded or _guess_arch(sd)
     try:
-        return lora_from_state_dict(sd, arch, metadata)
+        return require_finite(lora_from_state_dict(sd, arch, metadata))
     except ValueError as e:
-        raise ValueError(f"{os.path.basename(path)}: {e}") from e
+        raise ValueError(f"{name}: {e}") from e

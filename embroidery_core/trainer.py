@@ -16,6 +16,9 @@ here writes files, so a cancelled run leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -247,15 +250,50 @@ def loss_map(history: list[dict[str, torch.Tensor]]) -> dict[str, list[float]]:
 
 # ---------------------------------------------------------------------------- files and resume
 
+def run_identity(tensors: list[torch.Tensor], settings: dict[str, str]) -> str:
+    """Eight hex digits that tell one training run from another: a digest of its images and
+    every setting that changes what it learns. A checkpoint name carries it, so two styles trained
+    with the same trigger word never overwrite each other's files, while a resumed run (same
+    inputs) keeps writing its own."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.numpy().tobytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:8]
+
+
+def check_resume_range(name: str, start: int, until: int, iterations_hint: str) -> None:
+    """ValueError when a resumed run has nothing left to train (the file is at or past ``until``)."""
+    if start >= until:
+        raise ValueError(f"{name} is already at step {start}, and this run stops at step {until}: nothing is "
+                         f"left to train. Raise {iterations_hint}, or set resume_from to (none) to start over")
+
+
+def check_losses(step: int, losses: dict[str, torch.Tensor]) -> None:
+    """ValueError as soon as a loss read back is NaN or inf: the run has diverged, and every
+    further step (and checkpoint) would only carry the NaNs on."""
+    bad = {k: float(v) for k, v in losses.items() if not math.isfinite(float(v))}
+    if bad:
+        raise ValueError(f"training diverged at step {step} ({', '.join(f'{k} {v}' for k, v in bad.items())}); "
+                         "the last checkpoint is kept. Lower the learning rate, or use precision fp32")
+
+
 def export(trainer: Trainer, arch: str, stage: int, metadata: dict[str, str] | None = None):
-    """The trained LoRA with everything needed to use or resume it in its metadata."""
+    """The trained LoRA with everything needed to use or resume it in its metadata; ValueError
+    if the weights have diverged to NaN/inf (a checkpoint never overwrites a good one with them)."""
     meta = {**trainer.config.metadata(), **(metadata or {}),
             "embroidery.method": "emolora", "embroidery.stage": str(stage), "embroidery.step": str(trainer.step)}
     for kind, key in (("all", "design"), ("style", "embroidery")):
         previous = [b for b in meta.get(f"embroidery.updated_blocks.{key}", "").split(",") if b]
         blocks = set(previous) | trainer.updated_blocks[kind]
         meta[f"embroidery.updated_blocks.{key}"] = ",".join(sorted(blocks, key=block_sort_key))
-    return trainer.adapters.to_style_lora(arch, meta)
+    lora = trainer.adapters.to_style_lora(arch, meta)
+    if lora.non_finite():
+        raise ValueError(f"training diverged by step {trainer.step}: {len(lora.non_finite())} LoRA modules hold "
+                         "NaN or inf; the last checkpoint is kept. Lower the learning rate, or use precision fp32")
+    return lora
 
 
 def resume_point(lora) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import comfy.model_sampling
 import comfy.utils
 
 from ..embroidery_core.diffusion import Cond, model_input
+from ..embroidery_core.trainer import check_losses
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ class Progress:
     def __call__(self, step: int, until: int, losses) -> None:
         preview = None
         if step % self.every == 0 or step == until:
+            check_losses(step, losses)  # a diverged run stops here, before its next checkpoint
             text = f"step {step}/{until}  " + "  ".join(f"{k} {float(v):.4f}" for k, v in losses.items())
             log.info("embroidery training %s", text)
             self._text(text)
@@ -205,6 +207,17 @@ class Progress:
                 PromptServer.instance.send_progress_text(text, self.node_id)
         except Exception as e:
             log.debug("progress text not sent: %s", e)
+
+
+def interruptible(function):
+    """``function`` that first raises ComfyUI's interrupt if Cancel was pressed: for loops of
+    model passes that have no progress bar of their own."""
+
+    def call(*args, **kwargs):
+        mm.throw_exception_if_processing_interrupted()
+        return function(*args, **kwargs)
+
+    return call
 
 
 def chain(*callbacks):
@@ -230,7 +243,9 @@ def sample_image(model, clip, vae, text: str, height: int, width: int, steps: in
     channels = model.model.latent_format.latent_channels
     latent = torch.zeros([1, channels, height // 8, width // 8], device=mm.intermediate_device())
     noise = comfy.sample.prepare_noise(latent, seed)
+    # the callback runs after every sampler step: Cancel stops here within one step
     samples = comfy.sample.sample(model, noise, steps, cfg, "euler_ancestral", "normal", positive, negative,
-                                  latent, denoise=1.0, disable_pbar=True, seed=seed)
+                                  latent, denoise=1.0, disable_pbar=True, seed=seed,
+                                  callback=interruptible(lambda *args: None))
     image = vae.decode(samples)
     return image.reshape(-1, *image.shape[-3:])[:1].float().clamp(0, 1)

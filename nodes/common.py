@@ -2,6 +2,8 @@
 LoRA file lookup and error messages that name the node and the fix."""
 from __future__ import annotations
 
+import functools
+import math
 import os
 import threading
 
@@ -9,7 +11,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..embroidery_core import blocks as block_map
-from ..embroidery_core.lora_file import StyleLoRA, load_lora
+from ..embroidery_core.lora_file import StyleLoRA, load_lora, require_fit
 
 CATEGORY = "embroidery"
 
@@ -29,9 +31,47 @@ class NodeInputError(ValueError):
         super().__init__(f"{node}: {message}")
 
 
+def check_finite_inputs(inputs: dict, node: str) -> None:
+    """A NaN or inf sent through the API passes ComfyUI's min/max check (every comparison with
+    NaN is false) and would end as a black image; refuse it before any work."""
+    for name, value in inputs.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NodeInputError(node, f"{name} is {value}; give it a finite number")
+
+
+def _guarded(execute):
+    """``execute`` with its float inputs checked first, and any ValueError from below (the core's
+    messages say what is wrong and the fix) prefixed with the node's display name."""
+
+    @functools.wraps(execute)
+    def run(cls, *args, **kwargs):
+        node = cls.GET_SCHEMA().display_name
+        check_finite_inputs(kwargs, node)
+        try:
+            return execute(cls, *args, **kwargs)
+        except NodeInputError:
+            raise
+        except ValueError as e:
+            raise NodeInputError(node, str(e)) from e
+
+    run.embroidery_guarded = True
+    return run
+
+
+class PackNode(io.ComfyNode):
+    """Base of every node of the pack: errors name the node everywhere, not case by case."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        execute = cls.__dict__.get("execute")
+        # ComfyUI clones node classes per run (shallow_clone_class): wrap once, not per clone
+        if isinstance(execute, classmethod) and not getattr(execute.__func__, "embroidery_guarded", False):
+            cls.execute = classmethod(_guarded(execute.__func__))
+
+
 def check_choice(value: str, options: list[str], name: str, node: str) -> str:
-    """ComfyUI 0.3.64 does not check V3 combo values; a value from an old workflow must not
-    silently mean something else."""
+    """ComfyUI 0.3.64 does not check V3 combo values (0.8 does, before execute); a value from an
+    old workflow must not silently mean something else on the older server."""
     if value not in options:
         raise NodeInputError(node, f"{name} {value!r} is not one of {options}")
     return value
@@ -75,8 +115,9 @@ def resolve_blocks(preset: str, custom: str, arch: block_map.Arch, node: str) ->
     return chosen
 
 
-def parse_block_strengths(text: str, node: str) -> dict[str, float]:
-    """'output_blocks.1.1=0.8, input_blocks.8.1=0' -> {block: strength}."""
+def parse_block_strengths(text: str, node: str, loaded: list[str] | None = None) -> dict[str, float]:
+    """'output_blocks.1.1=0.8, input_blocks.8.1=0' -> {block: strength}; with ``loaded``, a block
+    that is not among them is an error (it would silently do nothing)."""
     strengths = {}
     for part in text.replace(";", ",").replace("\n", ",").split(","):
         part = part.strip()
@@ -86,10 +127,17 @@ def parse_block_strengths(text: str, node: str) -> dict[str, float]:
         try:
             if not sep:
                 raise ValueError("missing '='")
-            strengths[block_map.normalize_block(name)] = float(value)
+            strength = float(value)
+            if not math.isfinite(strength):
+                raise ValueError("not a finite number")
+            strengths[block_map.normalize_block(name)] = strength
         except ValueError as e:
             raise NodeInputError(node, f"cannot read block strength {part!r} ({e}); "
                                        "write 'output_blocks.1.1=0.8, input_blocks.8.1=0'") from e
+    unknown = [b for b in strengths if loaded is not None and b not in loaded]
+    if unknown:
+        raise NodeInputError(node, f"block_strengths names {', '.join(unknown)}, which this node does not load; "
+                                   f"the loaded blocks are {', '.join(loaded)} (change blocks, or the names)")
     return strengths
 
 
@@ -110,6 +158,23 @@ def lora_path(name: str, node: str) -> str:
 def file_fingerprint(path: str) -> str:
     stat = os.stat(path)
     return f"{path}:{stat.st_mtime_ns}:{stat.st_size}"
+
+
+def weight_shapes(model) -> dict[str, tuple[int, ...]]:
+    """{UNet module path: weight shape} of a MODEL, what a LoRA must fit."""
+    return {k[: -len(".weight")]: tuple(v.shape) for k, v in model.model.diffusion_model.state_dict().items()
+            if k.endswith(".weight")}
+
+
+def load_model_lora(name: str, model, node: str) -> StyleLoRA:
+    """A LoRA file checked against ``model`` before anything is patched: its family (metadata),
+    every module's shape (another family or width is refused, not half-applied), finite weights."""
+    arch = model_family(model, node)
+    lora = load_lora_file(name, arch.name, node)
+    try:
+        return require_fit(lora, weight_shapes(model), arch.name, what=name)
+    except ValueError as e:
+        raise NodeInputError(node, str(e)) from e
 
 
 def load_lora_file(name: str, arch: str | None, node: str) -> StyleLoRA:
@@ -141,9 +206,8 @@ def lora_fingerprint(name: str) -> str:
 def lora_blocks(model, lora_name: str, preset: str, custom: str, node: str) -> tuple[list[str], StyleLoRA]:
     """The chosen blocks of a LoRA file, for this model's family; an error that lists the blocks
     the file does touch when it has none of the chosen ones."""
-    arch = model_family(model, node)
-    chosen = resolve_blocks(preset, custom, arch, node)
-    lora = load_lora_file(lora_name, arch.name, node)
+    chosen = resolve_blocks(preset, custom, model_family(model, node), node)
+    lora = load_model_lora(lora_name, model, node)
     selected = lora.filter_blocks(chosen)
     if not selected.modules:
         raise NodeInputError(node, f"{lora_name} has no weights in {', '.join(chosen)}; it touches "

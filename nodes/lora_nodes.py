@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 import os
-import re
 
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ..embroidery_core.files import safe_relative_name
 from ..embroidery_core.images import bar_chart
 from ..embroidery_core.lora_file import save_lora
 from ..embroidery_core.report import block_report
-from .common import (BLOCK_PRESETS, CATEGORY, NodeInputError, StyleLoRAType, apply_lora_patches, load_lora_file,
-                     lora_blocks, lora_fingerprint, parse_block_strengths)
+from .common import (BLOCK_PRESETS, CATEGORY, NodeInputError, PackNode, StyleLoRAType, apply_lora_patches,
+                     load_lora_file, lora_blocks, lora_fingerprint, parse_block_strengths)
 
 
-class EmbroideryStyleBlocksLoader(io.ComfyNode):
+class EmbroideryStyleBlocksLoader(PackNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -56,13 +56,10 @@ class EmbroideryStyleBlocksLoader(io.ComfyNode):
                 block_strengths="", alpha_squared=False) -> io.NodeOutput:
         node = "Load Style Blocks of a LoRA"
         chosen, selected = lora_blocks(model, lora_name, blocks, custom_blocks, node)
-        overrides = parse_block_strengths(block_strengths or "", node)
+        overrides = parse_block_strengths(block_strengths or "", node, loaded=chosen)
         selected = selected.scaled({**{b: strength for b in chosen}, **overrides}, default=strength,
                                    alpha_squared=alpha_squared)
         return io.NodeOutput(apply_lora_patches(model, selected, 1.0, node))
-
-
-_UNSAFE_PREFIX = re.compile(r"(^|[\\/])\.\.([\\/]|$)")
 
 
 def _next_free_path(folder: str, prefix: str) -> str:
@@ -75,7 +72,7 @@ def _next_free_path(folder: str, prefix: str) -> str:
     return f"{base}_{counter:05}.safetensors"
 
 
-class EmbroiderySaveStyleLoRA(io.ComfyNode):
+class EmbroiderySaveStyleLoRA(PackNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -101,10 +98,11 @@ class EmbroiderySaveStyleLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, lora, filename_prefix, style_blocks_only) -> io.NodeOutput:
         node = "Save Style LoRA"
-        prefix = filename_prefix.strip().replace("\\", "/").strip("/")
-        if not prefix or _UNSAFE_PREFIX.search(prefix) or os.path.isabs(filename_prefix):
-            raise NodeInputError(node, f"filename_prefix {filename_prefix!r} must be a relative name inside the "
-                                       "loras folder, like 'embroidery/my_style'")
+        try:
+            prefix = safe_relative_name(filename_prefix)
+        except ValueError as e:
+            raise NodeInputError(node, f"filename_prefix: {e}; it must be a relative name inside the loras folder "
+                                       "that every OS accepts, like 'embroidery/my_style'") from None
         if style_blocks_only:
             blocks = lora.style_blocks
             if not blocks:
@@ -112,10 +110,7 @@ class EmbroiderySaveStyleLoRA(io.ComfyNode):
             lora = lora.filter_blocks(blocks)
         folder = folder_paths.get_folder_paths("loras")[0]
         path = _next_free_path(folder, prefix)
-        try:
-            save_lora(lora, path)
-        except ValueError as e:
-            raise NodeInputError(node, str(e)) from e
+        save_lora(lora, path)
         if not os.path.isfile(path) or os.path.getsize(path) == 0:
             raise NodeInputError(node, f"nothing was written to {path}; check free disk space and permissions")
         folder_paths.filename_list_cache.pop("loras", None)  # list the new file without a restart
@@ -123,7 +118,7 @@ class EmbroiderySaveStyleLoRA(io.ComfyNode):
         return io.NodeOutput(name, ui=ui.PreviewText(f"saved {name}"))
 
 
-class EmbroideryLoRABlockInspector(io.ComfyNode):
+class EmbroideryLoRABlockInspector(PackNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -77,7 +77,7 @@ def format_report(values: dict[str, float], count: int, cutoff: float) -> str:
     return "\n".join(lines)
 
 
-class EmbroideryMetrics(io.ComfyNode):
+class EmbroideryMetrics(PackNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

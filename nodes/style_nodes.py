@@ -14,8 +14,8 @@ from ..embroidery_core.guidance import (StyleGate, check_wrapper_shapes, check_w
 from ..embroidery_core.images import colour_fix
 from ..embroidery_core.lora_file import StyleLoRA, to_kohya_state_dict
 from ..embroidery_core.masks import partition_masks
-from .common import (BLOCK_PRESETS, CATEGORY, NodeInputError, apply_lora_patches, load_lora_file, lora_blocks,
-                     lora_fingerprint, lora_path, model_family, resolve_blocks)
+from .common import (BLOCK_PRESETS, CATEGORY, NodeInputError, PackNode, apply_lora_patches, load_model_lora,
+                     lora_blocks, lora_fingerprint, lora_path, model_family, resolve_blocks)
 
 NONE = "(none)"
 MAX_REGIONS = 3
@@ -39,7 +39,7 @@ def _style_lora(model, lora_name: str, blocks: str, custom_blocks: str, node: st
 # ---------------------------------------------------------------------------- colour fix
 
 
-class EmbroideryColourFix(io.ComfyNode):
+class EmbroideryColourFix(PackNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -63,10 +63,7 @@ class EmbroideryColourFix(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, design, strength, mask=None) -> io.NodeOutput:
-        try:
-            return io.NodeOutput(colour_fix(image, design, float(strength), mask))
-        except ValueError as e:
-            raise NodeInputError("Embroidery Colour Fix", str(e)) from e
+        return io.NodeOutput(colour_fix(image, design, float(strength), mask))
 
 
 # ---------------------------------------------------------------------------- style guidance
@@ -109,7 +106,7 @@ def attach_style_guidance(model, lora: StyleLoRA, weight: float, lora_strength: 
     return patched
 
 
-class EmbroideryStyleGuidance(io.ComfyNode):
+class EmbroideryStyleGuidance(PackNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -148,17 +145,11 @@ class EmbroideryStyleGuidance(io.ComfyNode):
     def execute(cls, model, lora_name, blocks, custom_blocks, weight, lora_strength,
                 start_percent, end_percent) -> io.NodeOutput:
         node = "Embroidery Style Guidance"
-        try:
-            check_window(start_percent, end_percent)
-        except ValueError as e:
-            raise NodeInputError(node, str(e)) from e
+        check_window(start_percent, end_percent)
         if weight == 0.0 or start_percent == end_percent:
             return io.NodeOutput(model)  # no extra pass at all: sampling is bit-identical to the plain model
         lora = _style_lora(model, lora_name, blocks, custom_blocks, node)
-        try:
-            return io.NodeOutput(attach_style_guidance(model, lora, weight, lora_strength, start_percent, end_percent))
-        except ValueError as e:
-            raise NodeInputError(node, str(e)) from e
+        return io.NodeOutput(attach_style_guidance(model, lora, weight, lora_strength, start_percent, end_percent))
 
 
 # ---------------------------------------------------------------------------- masked styles
@@ -225,7 +216,7 @@ def _active_regions(regions: dict, node: str) -> list[tuple[int, str, float, obj
     return active
 
 
-class EmbroideryMaskedStyle(io.ComfyNode):
+class EmbroideryMaskedStyle(PackNode):
     @classmethod
     def define_schema(cls):
         regions = [x for i in range(1, MAX_REGIONS + 1) for x in _region_inputs(i)]
@@ -263,16 +254,11 @@ class EmbroideryMaskedStyle(io.ComfyNode):
             if any("mask" in c[1] for c in conditioning):
                 raise NodeInputError(node, f"the {name} conditioning already has a mask; connect the prompt "
                                            "before any Conditioning (Set Mask) node")
-        try:
-            region_masks, base_mask = partition_masks([r[3] for r in active], [f"mask_{r[0]}" for r in active])
-        except ValueError as e:
-            raise NodeInputError(node, str(e)) from e
-        hooked = []
-        for (_, lora_name, strength, _), mask in zip(active, region_masks):
-            hooks = None
-            if strength != 0.0:
-                hooks = lora_hook(model, _style_lora(model, lora_name, blocks, custom_blocks, node), strength, node)
-            hooked.append((hooks, mask))
+        region_masks, base_mask = partition_masks([r[3] for r in active], [f"mask_{r[0]}" for r in active])
+        # every region's file is checked against the model first, even one at strength 0
+        loras = [_style_lora(model, lora_name, blocks, custom_blocks, node) for _, lora_name, _, _ in active]
+        hooked = [(lora_hook(model, lora, strength, node) if strength != 0.0 else None, mask)
+                  for (_, _, strength, _), lora, mask in zip(active, loras, region_masks)]
         return io.NodeOutput(masked_conditioning(positive, hooked, base_mask),
                              masked_conditioning(negative, hooked, base_mask))
 
@@ -280,7 +266,7 @@ class EmbroideryMaskedStyle(io.ComfyNode):
 # ---------------------------------------------------------------------------- B-LoRA mix
 
 
-class EmbroideryBLoRAMix(io.ComfyNode):
+class EmbroideryBLoRAMix(PackNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -324,14 +310,11 @@ class EmbroideryBLoRAMix(io.ComfyNode):
                 style_strength, alpha_squared, content_custom_blocks="", style_custom_blocks="") -> io.NodeOutput:
         node = "B-LoRA Mix (Content + Style)"
         arch = model_family(model, node)
-        parts = [(load_lora_file(content_lora, arch.name, node),
-                  resolve_blocks(content_blocks, content_custom_blocks or "", arch, node), content_strength),
-                 (load_lora_file(style_lora, arch.name, node),
-                  resolve_blocks(style_blocks, style_custom_blocks or "", arch, node), style_strength)]
-        try:
-            mixed = mix_block_loras(parts, alpha_squared, names=("content", "style"))
-        except ValueError as e:
-            raise NodeInputError(node, str(e)) from e
+        blocks = (resolve_blocks(content_blocks, content_custom_blocks or "", arch, node),
+                  resolve_blocks(style_blocks, style_custom_blocks or "", arch, node))
+        parts = [(load_model_lora(content_lora, model, node), blocks[0], content_strength),
+                 (load_model_lora(style_lora, model, node), blocks[1], style_strength)]
+        mixed = mix_block_loras(parts, alpha_squared, names=("content", "style"))
         if not mixed.modules:
             return io.NodeOutput(model)  # both strengths 0
         return io.NodeOutput(apply_lora_patches(model, mixed, 1.0, node))

@@ -12,14 +12,15 @@ from ..embroidery_core import block_metric
 from ..embroidery_core.adapters import AdapterSet, linear_targets
 from ..embroidery_core.blocks import preset_names
 from ..embroidery_core.images import bar_chart, flatten_design, side_by_side
-from ..embroidery_core.lora_file import save_lora
+from ..embroidery_core.files import filename_part
+from ..embroidery_core.lora_file import require_fit, save_lora
 from ..embroidery_core.pair import DEFAULT_RESOLUTION, LATENT_MULTIPLE, AnalogyPair, build_pair, embroidery_prompt
 from ..embroidery_core.presets import DEFAULT_MEMORY_PRESET, MEMORY_PRESETS, get_memory_preset
-from ..embroidery_core.trainer import (Checkpointer, EmoLoRAConfig, PairLatents, Trainer, export, loss_map,
-                                       resume_point, run_stage1, run_stage2)
+from ..embroidery_core.trainer import (Checkpointer, EmoLoRAConfig, PairLatents, Trainer, check_resume_range, export,
+                                       loss_map, resume_point, run_identity, run_stage1, run_stage2)
 from . import comfy_training as ct
-from .common import (CATEGORY, AnalogyPairType, NodeInputError, StyleLoRAType, apply_lora_patches, check_choice,
-                     load_lora_file, lora_fingerprint, model_family, resolve_blocks)
+from .common import (CATEGORY, AnalogyPairType, NodeInputError, PackNode, StyleLoRAType, apply_lora_patches,
+                     check_choice, load_model_lora, lora_fingerprint, model_family, resolve_blocks, weight_shapes)
 
 NO_RESUME = "(none)"
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
@@ -36,7 +37,7 @@ def _model_inputs() -> list:
             AnalogyPairType.Input("pair", tooltip="The pair from Embroidery Analogy Pair.")]
 
 
-class EmbroideryAnalogyPair(io.ComfyNode):
+class EmbroideryAnalogyPair(PackNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -68,10 +69,7 @@ class EmbroideryAnalogyPair(io.ComfyNode):
 
     @classmethod
     def execute(cls, reference, subject, trigger, resolution, colours, design=None, mask=None) -> io.NodeOutput:
-        try:
-            pair = build_pair(reference, design, mask, subject, trigger, resolution, colours)
-        except ValueError as e:
-            raise NodeInputError("Embroidery Analogy Pair", str(e)) from e
+        pair = build_pair(reference, design, mask, subject, trigger, resolution, colours)
         preview = side_by_side([pair.embroidery, pair.design])
         return io.NodeOutput(pair, preview, pair.design, ui=ui.PreviewImage(preview, cls=cls))
 
@@ -90,7 +88,7 @@ def _style_blocks(text: str, arch, node: str) -> list[str]:
     return resolve_blocks(preset, text, arch, node)
 
 
-class EmbroideryFindStyleBlocks(io.ComfyNode):
+class EmbroideryFindStyleBlocks(PackNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -123,7 +121,7 @@ class EmbroideryFindStyleBlocks(io.ComfyNode):
         with ct.training_session(model, recorder, trainable_graph=False) as clone, torch.no_grad():
             denoiser = ct.ComfyDenoiser(clone)
             noise = torch.randn(latents.design.shape, generator=torch.Generator().manual_seed(seed)).to(latents.design)
-            run = lambda x_t, sigma: denoiser(x_t, sigma, latents.design_cond)
+            run = ct.interruptible(lambda x_t, sigma: denoiser(x_t, sigma, latents.design_cond))
             sigmas = block_metric.evenly_spaced(denoiser.sampling.sigmas.float().cpu(), timesteps)
             similarity = block_metric.measure(run, recorder, latents.design, latents.embroidery, sigmas, noise,
                                               denoiser.prediction)
@@ -167,9 +165,28 @@ def _trainer_outputs() -> list:
                                                            "(ComfyUI's plot needs two or more steps).")]
 
 
-def _checkpoint_saver(pair, stage: int):
+CHECKPOINT_FOLDER = "embroidery_checkpoints"
+RUN_ID_KEY = "embroidery.run_id"
+# Settings that do not change what a run learns: a resumed run with more iterations is the same run.
+_NOT_IDENTITY = ("embroidery.stage1_iterations", "embroidery.stage2_iterations", "embroidery.memory_preset")
+
+
+def _run_id(pair, meta: dict[str, str]) -> str:
+    """This run's identity (images + settings), the part of its checkpoint name that keeps two runs
+    with the same trigger word from overwriting each other."""
+    settings = {k: v for k, v in meta.items() if k not in _NOT_IDENTITY and k != RUN_ID_KEY}
+    return run_identity([pair.embroidery, pair.design], settings)
+
+
+def checkpoint_name(pair, stage: int, run_id: str) -> str:
+    """``loras/embroidery_checkpoints/<trigger>_stage<N>_<run id>.safetensors``, a name every OS
+    accepts whatever the trigger word (``<emb>`` becomes ``_emb_``)."""
+    return f"{CHECKPOINT_FOLDER}/{filename_part(pair.trigger)}_stage{stage}_{run_id}.safetensors"
+
+
+def _checkpoint_saver(pair, stage: int, run_id: str):
     folder = folder_paths.get_folder_paths("loras")[0]
-    path = os.path.join(folder, "embroidery_checkpoints", f"{pair.trigger}_stage{stage}.safetensors")
+    path = os.path.join(folder, *checkpoint_name(pair, stage, run_id).split("/"))
     return lambda lora: save_lora(lora, path)
 
 
@@ -186,36 +203,37 @@ def _history(lora) -> dict[str, str]:
     return {k: v for k, v in lora.metadata.items() if k.startswith("embroidery.updated_blocks.")}
 
 
-def _resume(name: str, arch: str, stage: int, node: str):
+def _resume(name: str, model, stage: int, node: str):
+    """The file to resume and its step, checked against the model (family, shapes, NaN) and the stage."""
     if name == NO_RESUME:
         return None, 0
-    lora = load_lora_file(name, arch, node)
-    try:
-        file_stage, step = resume_point(lora)
-    except ValueError as e:
-        raise NodeInputError(node, str(e)) from e
+    lora = load_model_lora(name, model, node)
+    file_stage, step = resume_point(lora)
     if file_stage != stage:
         raise NodeInputError(node, f"{name} was written by stage {file_stage}; resume it in Train Stage {file_stage}")
     return lora, step
 
 
-def _trainable_family(model, node: str):
-    """model_family, and the model's noise parameterisation checked before any work is done."""
+def _trainable_family(model, node: str, kw: dict | None = None):
+    """model_family, with the model's noise parameterisation and a trainer's options (``kw``)
+    checked before any work is done."""
     arch = model_family(model, node)
-    try:
-        ct.prediction_type(model)
-    except ValueError as e:
-        raise NodeInputError(node, str(e)) from e
+    ct.prediction_type(model)
+    if kw is not None:
+        check_choice(kw["precision"], PRECISIONS, "precision", node)
+        check_choice(kw["memory_preset"], list(MEMORY_PRESETS), "memory_preset", node)
     return arch
 
 
 def _train(cls, node, model, adapters, config, pair, latents_fn, stage, start, until, run, kw, extra_meta=None):
     """Shared body of both trainers: session, progress, checkpoints, outputs."""
     arch = model_family(model, node)
-    check_choice(kw["precision"], PRECISIONS, "precision", node)
-    preset = get_memory_preset(check_choice(kw["memory_preset"], list(MEMORY_PRESETS), "memory_preset", node))
+    preset = get_memory_preset(kw["memory_preset"])
     blocks = adapters.style_blocks
-    meta = {**_metadata(pair, blocks), **(extra_meta or {}), "embroidery.memory_preset": kw["memory_preset"]}
+    meta = {**config.metadata(), **_metadata(pair, blocks), **(extra_meta or {}), "embroidery.arch": arch.name,
+            "embroidery.stage": str(stage), "embroidery.precision": kw["precision"]}
+    meta[RUN_ID_KEY] = _run_id(pair, meta)
+    meta["embroidery.memory_preset"] = kw["memory_preset"]
     providers = preset.providers(adapters, model.model.diffusion_model)
     latents = latents_fn(model.load_device)
     with ct.training_session(model, *providers) as clone:
@@ -225,14 +243,15 @@ def _train(cls, node, model, adapters, config, pair, latents_fn, stage, start, u
                           optimizer_factory=preset.optimizer_factory)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         progress = ct.Progress(node_id, start, until, kw["preview_every"], clone, trainer)
-        saver = Checkpointer(trainer, arch.name, stage, _checkpoint_saver(pair, stage), kw["checkpoint_every"], meta)
+        saver = Checkpointer(trainer, arch.name, stage, _checkpoint_saver(pair, stage, meta[RUN_ID_KEY]),
+                             kw["checkpoint_every"], meta)
         history = run(trainer, latents, until, ct.chain(progress, saver))
     lora = export(trainer, arch.name, stage, meta)
     patched = apply_lora_patches(model, lora.filter_blocks(blocks), 1.0, node)
     return lora, patched, loss_map(history)
 
 
-class EmbroideryTrainStage1(io.ComfyNode):
+class EmbroideryTrainStage1(PackNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -259,11 +278,13 @@ class EmbroideryTrainStage1(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, pair, style_blocks, rank, alpha, **kw) -> io.NodeOutput:
         node = "Train Embroidery LoRA (Stage 1)"
-        arch = _trainable_family(model, node)
+        arch = _trainable_family(model, node, kw)
         blocks = _style_blocks(style_blocks, arch, node)
         config = EmoLoRAConfig(rank=rank, alpha=alpha, learning_rate=kw["learning_rate"],
                                weight_decay=kw["weight_decay"], stage1_iterations=kw["iterations"], seed=kw["seed"])
-        resume, start = _resume(kw["resume_from"], arch.name, 1, node)
+        resume, start = _resume(kw["resume_from"], model, 1, node)
+        if resume is not None:
+            check_resume_range(kw["resume_from"], start, config.stage1_iterations, "iterations")
         with torch.inference_mode(False):
             targets = linear_targets(model.model.diffusion_model, arch.attention_modules())
             adapters = AdapterSet(targets, blocks, rank, alpha, seed=config.seed)
@@ -276,7 +297,7 @@ class EmbroideryTrainStage1(io.ComfyNode):
         return io.NodeOutput(lora, patched, losses)
 
 
-class EmbroideryTrainStage2(io.ComfyNode):
+class EmbroideryTrainStage2(PackNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -313,24 +334,27 @@ class EmbroideryTrainStage2(io.ComfyNode):
     def execute(cls, model, clip, vae, pair, lora, subjects, generated_weight, contrastive_weight, tau,
                 sample_steps, cfg, **kw) -> io.NodeOutput:
         node = "Train Embroidery LoRA (Stage 2)"
-        arch = _trainable_family(model, node)
+        arch = _trainable_family(model, node, kw)
         lines = [s.strip() for s in subjects.splitlines() if s.strip()]
         if not lines:
             raise NodeInputError(node, "subjects is empty; write one subject per line, e.g. 'red apple'")
-        try:
-            stage, stage1_step = resume_point(lora)
-        except ValueError as e:
-            raise NodeInputError(node, str(e)) from e
+        stage, stage1_step = resume_point(lora)
+        if lora.arch != arch.name:
+            raise NodeInputError(node, f"the connected stage-1 LoRA was trained on {lora.arch}, the model is "
+                                       f"{arch.name}; connect the model the stage-1 LoRA was trained on")
+        require_fit(lora, weight_shapes(model), arch.name, "the connected stage-1 LoRA")
         if stage != 1:
             raise NodeInputError(node, f"the connected LoRA is from stage {stage}; connect the stage-1 LoRA "
                                        "(to continue stage 2, use resume_from)")
         config = EmoLoRAConfig(rank=lora.rank, learning_rate=kw["learning_rate"], weight_decay=kw["weight_decay"],
                                stage2_iterations=kw["iterations"], generated_weight=generated_weight,
                                contrastive_weight=contrastive_weight, tau=tau, seed=kw["seed"])
-        resume, start = _resume(kw["resume_from"], arch.name, 2, node)
+        resume, start = _resume(kw["resume_from"], model, 2, node)
         stage2_start = int(resume.metadata.get("embroidery.stage2_start", stage1_step)) if resume else stage1_step
         start = start or stage1_step
         until = stage2_start + config.stage2_iterations
+        if resume is not None:
+            check_resume_range(kw["resume_from"], start, until, f"iterations above {start - stage2_start}")
         images, designs = _generate(model, clip, vae, pair, lora, lines, sample_steps, cfg, config.seed)
         with torch.inference_mode(False):
             adapters = AdapterSet.from_style_lora(model.model.diffusion_model, lora, seed=config.seed)
@@ -347,10 +371,16 @@ class EmbroideryTrainStage2(io.ComfyNode):
             trained, patched, losses = _train(cls, node, model, adapters, config, pair, latents_fn, 2, start, until,
                                               run, kw, {**_history(resume or lora),
                                                         "embroidery.stage2_start": str(stage2_start),
-                                                        "embroidery.stage2_subjects": "|".join(lines)})
+                                                        "embroidery.stage2_subjects": "|".join(lines),
+                                                        "embroidery.stage1_run_id": _source_id(lora)})
         preview = torch.cat([side_by_side(images, height=images[0].shape[1]),
                              side_by_side(designs, height=designs[0].shape[1])], dim=1)
         return io.NodeOutput(trained, patched, losses, preview)
+
+
+def _source_id(lora) -> str:
+    """The identity of the stage-1 LoRA a stage-2 run starts from (part of that run's identity)."""
+    return lora.metadata.get(RUN_ID_KEY) or run_identity([m.up for m in lora.modules.values()][:8], lora.metadata)
 
 
 def _generate(model, clip, vae, pair, lora, subjects, steps, cfg, seed):
