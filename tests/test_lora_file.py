@@ -445,3 +445,63 @@ def test_style_blocks_and_rank_come_from_the_file():
                              metadata={"embroidery.style_blocks": f"{SDXL_STYLE},"})
     assert trained.style_blocks == [SDXL_STYLE] and trained.rank == 3
     assert attention_lora(SDXL, [SDXL_STYLE]).style_blocks == []  # a file no trainer of ours wrote
+
+
+# ---------------------------------------------------------------------------- files a user can get wrong
+
+def test_an_alpha_with_two_values_is_named_not_a_raw_runtime_error(tmp_path):
+    sd = to_kohya_state_dict(attention_lora(SDXL, [SDXL_STYLE]))
+    key = next(k for k in sd if k.endswith(".alpha"))
+    sd[key] = torch.tensor([4.0, 4.0])
+    safetensors.torch.save_file(sd, str(tmp_path / "two_alphas.safetensors"))
+    with pytest.raises(ValueError, match=rf"two_alphas\.safetensors: {key} holds 2 values .*re-export"):
+        load_lora(tmp_path / "two_alphas.safetensors", arch="sdxl")
+    sd[key] = torch.tensor(float("nan"))
+    safetensors.torch.save_file(sd, str(tmp_path / "nan_alpha.safetensors"))
+    with pytest.raises(ValueError, match=rf"{key} is nan"):
+        load_lora(tmp_path / "nan_alpha.safetensors", arch="sdxl")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_when_read_and_when_written(tmp_path, bad):
+    lora = attention_lora(SDXL, [SDXL_STYLE])
+    sd = to_kohya_state_dict(lora)
+    key = next(k for k in sd if k.endswith(".lora_up.weight"))
+    sd[key][0, 0] = bad
+    safetensors.torch.save_file(sd, str(tmp_path / "diverged.safetensors"))
+    with pytest.raises(ValueError, match=r"diverged\.safetensors: this LoRA has NaN or inf weights in 1 of"):
+        load_lora(tmp_path / "diverged.safetensors", arch="sdxl")
+    path = next(iter(lora.modules))
+    lora.modules[path].down[0, 0] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        save_lora(lora, tmp_path / "never_written.safetensors")
+    assert not (tmp_path / "never_written.safetensors").exists()
+
+
+def test_a_file_of_another_family_is_refused_by_its_metadata(tmp_path):
+    path = save_lora(attention_lora(SDXL, [SDXL_STYLE]), tmp_path / "xl.safetensors")
+    with pytest.raises(ValueError, match=r"xl\.safetensors is a LoRA for SDXL .* the model is SD1.x/SD2.x"):
+        load_lora(path, arch="sd15")
+    assert load_lora(path, arch="sdxl").arch == "sdxl"
+
+
+def test_misfits_name_each_module_that_does_not_fit_the_model():
+    lora = attention_lora(SD15, [SD15_STYLE])  # every projection DIM x DIM
+    fitting = {p: (DIM, DIM) for p in lora.modules}
+    assert lora.misfits(fitting) == []
+    assert lora_file.require_fit(lora, fitting, "sd15") is lora
+    k_proj = first_layer(SD15_STYLE, "attn2.to_k")
+    wider = {**fitting, k_proj: (DIM, 2 * DIM)}  # another context width (SD2.x / SDXL)
+    missing = {p: s for p, s in fitting.items() if p != k_proj}
+    assert lora.misfits(wider) == [f"{k_proj} (LoRA {DIM}x{DIM}, model {DIM}x{2 * DIM})"]
+    assert lora.misfits(missing) == [f"{k_proj} (the model has no such layer)"]
+    with pytest.raises(ValueError, match=r"does not fit this SD1.x/SD2.x model: 1 of \d+ modules differ.*another "
+                                         r"model family or width"):
+        lora_file.require_fit(lora, wider, "sd15")
+
+
+def test_a_2d_conv_down_compares_flattened():
+    conv = "input_blocks.1.1.proj_in"
+    lora = StyleLoRA("sd15", {conv: LoRAModule(torch.zeros(RANK, DIM * 9), torch.zeros(DIM, RANK), RANK)})
+    assert lora.misfits({conv: (DIM, DIM, 3, 3)}) == []
+    assert lora.misfits({conv: (DIM, DIM, 1, 1)}) != []

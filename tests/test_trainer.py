@@ -267,3 +267,55 @@ def test_train_emolora_pipeline_runs_both_stages(tiny_unet):
     assert set(lora.blocks()) == set(arch.attention_blocks()) and lora.metadata["embroidery.trigger"] == "emb"
     assert len(losses["loss"]) == 3 and "contrastive" in losses
     assert not any("forward" in m.__dict__ for m in tiny_unet.modules())  # uninstalled afterwards
+
+
+# ---------------------------------------------------------------------------- runs a user can get wrong
+
+def test_run_identity_tells_runs_apart_and_keeps_a_run_its_own():
+    from embroidery_core.trainer import run_identity
+
+    a, b = make_pair(0), make_pair(1)
+    settings = {"embroidery.trigger": "emb", "embroidery.learning_rate": "0.0001"}
+    first = run_identity([a.embroidery, a.design], settings)
+    assert first == run_identity([a.embroidery.clone(), a.design.clone()], dict(settings))  # same run again
+    assert len(first) == 8 and int(first, 16) >= 0
+    assert first != run_identity([b.embroidery, b.design], settings)  # another style, same trigger
+    assert first != run_identity([a.embroidery, a.design], {**settings, "embroidery.learning_rate": "0.001"})
+
+
+def test_a_resume_with_nothing_left_to_train_says_so():
+    from embroidery_core.trainer import check_resume_range
+
+    check_resume_range("ckpt.safetensors", 300, 400, "iterations")
+    with pytest.raises(ValueError, match=r"ckpt\.safetensors is already at step 400, and this run stops at step "
+                                         r"400: nothing is left to train. Raise iterations"):
+        check_resume_range("ckpt.safetensors", 400, 400, "iterations")
+
+
+def test_a_diverged_run_is_stopped_and_never_exported(tiny_unet):
+    from embroidery_core.trainer import check_losses
+
+    check_losses(3, {"design": torch.tensor(0.5)})
+    with pytest.raises(ValueError, match=r"training diverged at step 7 \(design nan\)"):
+        check_losses(7, {"design": torch.tensor(float("nan")), "embroidery": torch.tensor(0.1)})
+    trainer = make_trainer(tiny_unet)
+    export(trainer, "sdxl", 1)  # finite: fine
+    with torch.no_grad():
+        trainer.adapters.adapter(trainer.adapters.names[0]).up.fill_(float("inf"))
+    with pytest.raises(ValueError, match="training diverged by step 0: 1 LoRA modules hold NaN or inf"):
+        export(trainer, "sdxl", 1)
+
+
+def test_a_checkpoint_never_overwrites_a_good_file_with_a_diverged_state(tiny_unet, tmp_path):
+    from embroidery_core.lora_file import load_lora, save_lora
+
+    trainer = make_trainer(tiny_unet)
+    path = tmp_path / "ckpt.safetensors"
+    checkpoint = Checkpointer(trainer, "sdxl", 1, lambda lora: save_lora(lora, path), every=1)
+    checkpoint(1, 10, {})
+    good = path.read_bytes()
+    with torch.no_grad():
+        trainer.adapters.adapter(trainer.adapters.names[0]).up.fill_(float("nan"))
+    with pytest.raises(ValueError, match="diverged"):
+        checkpoint(2, 10, {})
+    assert path.read_bytes() == good and load_lora(path, arch="sdxl").non_finite() == []
