@@ -454,7 +454,8 @@ def _build_modules(keys: _SortedKeys, arch, default_alpha: float | None) -> dict
         sources[path] = prefix
     if unmapped:
         raise ValueError(
-            f"{len(unmapped)} LoRA keys name no {arch.name} UNet module (wrong model family?): {unmapped[:5]}"
+            f"{len(unmapped)} LoRA keys name no {FAMILY_NAMES[arch.name]} UNet module (e.g. {unmapped[:3]}): the "
+            f"LoRA is for another model family; pick a LoRA trained on this checkpoint's family"
         )
     return modules
 

@@ -3,6 +3,7 @@ LoRA file lookup and error messages that name the node and the fix."""
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 import threading
@@ -43,10 +44,12 @@ def _guarded(execute):
     """``execute`` with its float inputs checked first, and any ValueError from below (the core's
     messages say what is wrong and the fix) prefixed with the node's display name."""
 
+    signature = inspect.signature(execute)
+
     @functools.wraps(execute)
     def run(cls, *args, **kwargs):
         node = cls.GET_SCHEMA().display_name
-        check_finite_inputs(kwargs, node)
+        check_finite_inputs(signature.bind_partial(cls, *args, **kwargs).arguments, node)
         try:
             return execute(cls, *args, **kwargs)
         except NodeInputError:

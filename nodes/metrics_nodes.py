@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
 from ..embroidery_core import metrics
-from .common import CATEGORY, NodeInputError
+from .common import CATEGORY, NodeInputError, PackNode
 
 NOT_MEASURED = float("nan")  # what a FLOAT output holds when the input it needs is not connected
 

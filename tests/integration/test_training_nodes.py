@@ -63,7 +63,7 @@ def test_training_leaves_the_shared_model_exactly_as_it_was(pack, sd15, pair, lo
 def test_resume_continues_from_the_checkpoint_metadata(pack, sd15, pair, loras_dir):
     model, clip, vae = sd15
     stage1(pack, model, clip, vae, pair, checkpoint_every=1)
-    checkpoint = loras_dir / "embroidery_checkpoints" / "emb_stage1.safetensors"
+    (checkpoint,) = (loras_dir / "embroidery_checkpoints").glob("emb_stage1_*.safetensors")  # <trigger>_stage1_<run>
     assert load_lora(checkpoint).metadata["embroidery.step"] == "2"
     renamed = loras_dir / "any_name_at_all.safetensors"  # the name carries no step count
     os.replace(checkpoint, renamed)
