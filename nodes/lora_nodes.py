@@ -84,7 +84,8 @@ class EmbroiderySaveStyleLoRA(PackNode):
             inputs=[
                 StyleLoRAType.Input("lora", tooltip="The trained LoRA from an Embroidery trainer."),
                 io.String.Input("filename_prefix", default="embroidery/emolora",
-                                tooltip="File name inside the loras folder; may contain subfolders. "
+                                tooltip="File name inside the loras folder; may contain subfolders, not '..', "
+                                        "drive letters or < > : \" | ? *. "
                                         "A counter is appended, existing files are never overwritten."),
                 io.Boolean.Input("style_blocks_only", default=False,
                                  tooltip="Save only the style blocks (smaller file, what inference uses). "

@@ -150,7 +150,9 @@ def _trainer_inputs(iterations: int, stage: int) -> list:
                        tooltip="; ".join(f"{name}: {preset.description}" for name, preset in MEMORY_PRESETS.items())
                                + " Peak memory per preset: docs/PERFORMANCE.md."),
         io.Int.Input("checkpoint_every", default=100, min=0, max=10000,
-                     tooltip="Save a resumable checkpoint to loras/embroidery_checkpoints every N steps (0 = off)."),
+                     tooltip="Save a resumable checkpoint every N steps (0 = off), to loras/embroidery_checkpoints/"
+                             "<trigger>_stage<N>_<run id>.safetensors: each run (images + settings) has its own "
+                             "file, so another style with the same trigger word never overwrites it."),
         io.Combo.Input("resume_from", options=[NO_RESUME] + folder_paths.get_filename_list("loras"),
                        tooltip="Continue from a checkpoint or saved LoRA of this stage; its step count and stage "
                                "come from the file's metadata."),

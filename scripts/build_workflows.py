@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
-"""Write the UI-format templates in workflows/ from the specs below.
+"""Write the UI-format templates in workflows/ from the specs below, and their thumbnails.
 
-Widget order is taken from a real server's /object_info (stored in
-tests/data/object_info_subset.json, so CI can validate without ComfyUI):
+Widget order is taken from a real server's /object_info, stored per ComfyUI version in
+tests/data/object_info_<version>.json so CI can validate without ComfyUI. The templates are
+built for the oldest supported version (tests/workflow_format.MIN_VERSION):
 
-    COMFYUI_PATH=/path/to/ComfyUI python scripts/build_workflows.py            # refresh snapshot + write
+    COMFYUI_PATH=/path/to/ComfyUI-0.3.64 python scripts/build_workflows.py     # refresh its snapshot + write
+    COMFYUI_PATH=/path/to/ComfyUI-0.8.0 python scripts/build_workflows.py      # record that version's snapshot
     python scripts/build_workflows.py --offline                                # from the stored snapshot
     python scripts/build_workflows.py --offline --check                        # exit 1 if files differ
+
+Each template's thumbnail, ``workflows/<name>.jpg`` (what both frontends show on the template
+card), is made from docs/workflows/<name>.png, the screenshot of the template's real run in the
+frontend that the UI integration test writes with EMBROIDERY_SCREENSHOTS=docs/workflows; so a
+fresh screenshot means a fresh thumbnail on the next build, and --check fails on a stale one.
 
 Model file names are the common public ones (README, "Workflows"); tests map them to tiny models.
 """
@@ -20,7 +27,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.workflow_format import SNAPSHOT, Node, Note, build, load_snapshot, validate  # noqa: E402
+from tests.workflow_format import (MIN_VERSION, Node, Note, build, load_snapshot, snapshot_path,  # noqa: E402
+                                   validate)
 
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 SDXL_CANNY = "controlnet-canny-sdxl-1.0.safetensors"
@@ -61,8 +69,9 @@ TRAIN_NOTE = """EmoLoRA: one embroidery photo -> a style LoRA
 5. Stage 1 (400 it) and Stage 2 (200 it) train; Save writes loras/embroidery/.
 6. The sampler at the right uses the trained style blocks: prompt
    '<subject> in <trigger> style'.
-Checkpoints go to loras/embroidery_checkpoints every 100 steps; pick one in
-'resume_from' to continue after a crash or Cancel."""
+Checkpoints go to loras/embroidery_checkpoints every 100 steps, one file per
+run (<trigger>_stage1_<run id>); pick one in 'resume_from' to continue after
+a crash or Cancel."""
 
 
 def train_one_shot():
@@ -352,15 +361,67 @@ WORKFLOWS = {
 INFO: dict = {}
 
 
-def live_object_info() -> dict:
+def live_object_info() -> tuple[str, dict]:
+    """(ComfyUI version, /object_info) of a fresh server on $COMFYUI_PATH with the pack."""
     from tests.integration.server import comfy_server
 
     with comfy_server(custom_nodes=[("embroidery-style-lora", ROOT)]) as srv:
-        return srv.object_info()
+        return srv.request("/system_stats")["system"]["comfyui_version"], srv.object_info()
 
 
 def used_types(workflows: dict) -> set[str]:
     return {n["type"] for wf in workflows.values() for n in wf["nodes"]} - {"Note"}
+
+
+# ---------------------------------------------------------------------------- thumbnails
+
+SCREENSHOTS = os.path.join(ROOT, "docs", "workflows")
+THUMBNAIL_SIZE = (640, 360)
+THUMBNAIL_TOLERANCE = 3.0  # mean |difference| per channel (0..255) that JPEG encoders may differ by
+
+
+def thumbnail_of(screenshot: str):
+    """The template card's picture: the run's screenshot, fitted into 640x360."""
+    from PIL import Image
+
+    picture = Image.open(screenshot).convert("RGB")
+    picture.thumbnail(THUMBNAIL_SIZE)
+    return picture
+
+
+def thumbnail_problem(name: str, check: bool) -> str | None:
+    """Write (or with ``check``, compare) workflows/<name>.jpg from its screenshot."""
+    import numpy as np
+    from PIL import Image
+
+    screenshot = os.path.join(SCREENSHOTS, f"{name}.png")
+    target = os.path.join(ROOT, "workflows", f"{name}.jpg")
+    if not os.path.isfile(screenshot):
+        return (f"no screenshot {os.path.relpath(screenshot, ROOT)}; run the UI integration test with "
+                "EMBROIDERY_SCREENSHOTS=docs/workflows")
+    want = thumbnail_of(screenshot)
+    if not check:
+        want.save(target, "JPEG", quality=85, optimize=True)
+        return None
+    if not os.path.isfile(target):
+        return f"no thumbnail {os.path.relpath(target, ROOT)}; run scripts/build_workflows.py --offline"
+    got = Image.open(target).convert("RGB")
+    if got.size != want.size:
+        return f"thumbnail is {got.size}, its screenshot gives {want.size}; run scripts/build_workflows.py"
+    diff = np.abs(np.asarray(got, dtype=np.float32) - np.asarray(want, dtype=np.float32)).mean()
+    if diff > THUMBNAIL_TOLERANCE:
+        return f"thumbnail is stale (differs from its screenshot by {diff:.1f}); run scripts/build_workflows.py"
+    return None
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def write_snapshot(version: str, full: dict, workflows: dict) -> None:
+    snapshot = {t: full[t] for t in sorted(used_types(workflows))}
+    with open(snapshot_path(version), "w") as f:
+        json.dump(snapshot, f, indent=1, sort_keys=True)
+        f.write("\n")
 
 
 def main() -> int:
@@ -368,14 +429,23 @@ def main() -> int:
     parser.add_argument("--offline", action="store_true", help="use the stored object_info snapshot")
     parser.add_argument("--check", action="store_true", help="only compare with the files in workflows/")
     args = parser.parse_args()
-    full = load_snapshot() if args.offline else live_object_info()
+    version, full = (MIN_VERSION, load_snapshot()) if args.offline else live_object_info()
+    if version != MIN_VERSION:  # a newer server: record its snapshot, check the templates load there
+        INFO.update(load_snapshot())
+        workflows = {name: make() for name, make in WORKFLOWS.items()}
+        write_snapshot(version, full, workflows)
+        problems = [f"{name} on {version}: {p}" for name, wf in workflows.items() for p in validate(wf, full, True)]
+        print("\n".join(problems) or f"recorded {os.path.relpath(snapshot_path(version), ROOT)}; the templates "
+                                     f"(built for {MIN_VERSION}) are valid on {version}", file=sys.stderr)
+        return 1 if problems else 0
     INFO.update(full)
     workflows = {name: make() for name, make in WORKFLOWS.items()}
     failed = False
     for name, wf in workflows.items():
         problems = validate(wf, INFO)
-        if problems:
-            print(f"{name}: " + "; ".join(problems), file=sys.stderr)
+        thumb = thumbnail_problem(name, args.check)
+        if problems or thumb:
+            print(f"{name}: " + "; ".join(problems + [thumb] if thumb else problems), file=sys.stderr)
             failed = True
         path = os.path.join(ROOT, "workflows", f"{name}.json")
         text = json.dumps(wf, indent=1) + "\n"
@@ -389,10 +459,7 @@ def main() -> int:
             with open(path, "w") as f:
                 f.write(text)
     if not args.offline and not args.check:
-        snapshot = {t: full[t] for t in sorted(used_types(workflows))}
-        with open(SNAPSHOT, "w") as f:
-            json.dump(snapshot, f, indent=1, sort_keys=True)
-            f.write("\n")
+        write_snapshot(version, full, workflows)
     return 1 if failed else 0
 
 

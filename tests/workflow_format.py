@@ -14,10 +14,23 @@ from dataclasses import dataclass, field
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
-SNAPSHOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "object_info_subset.json")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# The templates are built for the oldest ComfyUI the pack supports; every supported version has its
+# own /object_info snapshot (the node types the templates use), recorded from a live server.
+MIN_VERSION = "0.3.64"
+SUPPORTED_VERSIONS = ("0.3.64", "0.8.0")
 
 
-def load_snapshot(path: str = SNAPSHOT) -> dict:
+def snapshot_path(version: str = MIN_VERSION) -> str:
+    return os.path.join(DATA, f"object_info_{version}.json")
+
+
+SNAPSHOT = snapshot_path()
+
+
+def load_snapshot(path_or_version: str = SNAPSHOT) -> dict:
+    """A stored snapshot, by path or by ComfyUI version ("0.8.0")."""
+    path = path_or_version if path_or_version.endswith(".json") else snapshot_path(path_or_version)
     with open(path) as f:
         return json.load(f)
 
@@ -163,9 +176,11 @@ def set_widget(node: dict, name: str, value, info: dict) -> None:
     node["widgets_values"][widget_slots(info, node["type"]).index(name)] = value
 
 
-def validate(workflow: dict, info: dict) -> list[str]:
+def validate(workflow: dict, info: dict, newer: bool = False) -> list[str]:
     """Problems a user would hit when loading/queueing this file: unknown node types, wrong
-    widget counts, combo values not offered, links between mismatched types."""
+    widget counts, links between mismatched types. ``newer``: ``info`` is a newer ComfyUI than
+    the file was built for, where a stock node may have gained widgets at the end (the frontend
+    gives those their defaults); the file's values must then be a prefix of the widgets."""
     problems = []
     nodes = {n["id"]: n for n in workflow["nodes"]}
     for n in workflow["nodes"]:
@@ -175,7 +190,8 @@ def validate(workflow: dict, info: dict) -> list[str]:
             problems.append(f"node {n['id']}: unknown type {n['type']}")
             continue
         slots = widget_slots(info, n["type"])
-        if len(slots) != len(n.get("widgets_values", [])):
+        count = len(n.get("widgets_values", []))
+        if count != len(slots) and not (newer and count < len(slots) and not n["type"].startswith("Embroidery")):
             problems.append(f"node {n['id']} ({n['type']}): {len(n.get('widgets_values', []))} widget values, "
                             f"expected {len(slots)} {slots}")
     for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:

@@ -15,6 +15,18 @@ def comfy_path():
     return os.path.abspath(os.path.expanduser(path)) if path else None
 
 
+def comfy_version():
+    """The ComfyUI version of the tree ("0.8.0"), read from its comfyui_version.py."""
+    import re
+
+    with open(os.path.join(comfy_path(), "comfyui_version.py")) as f:
+        return re.search(r'__version__\s*=\s*"([^"]+)"', f.read()).group(1)
+
+
+def version_tuple(version):
+    return tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+
+
 def missing_reason():
     """Why the integration tests cannot run here, or None when they can."""
     path = comfy_path()

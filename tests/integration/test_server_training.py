@@ -10,7 +10,9 @@ import pytest
 from embroidery_core import blocks as block_map
 from embroidery_core.lora_file import load_lora
 
-from .server import PromptFailed, comfy_server
+from .comfy_env import comfy_version, version_tuple
+from .server import PromptFailed, PromptRejected, comfy_server
+from .tiny_models import write_tiny_loras
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +34,10 @@ def _write_reference(path):
 def server(tiny_ckpt_dir, tiny_sdxl_ckpt, pack_dir):
     with comfy_server(custom_nodes=[(PACK_LINK, pack_dir)], models_dir=tiny_ckpt_dir) as srv:
         _write_reference(os.path.join(srv.base_dir, "input", REFERENCE))
+        loras = os.path.join(srv.base_dir, "models", "loras")
+        write_tiny_loras(tiny_ckpt_dir / "checkpoints" / "tiny_sd15.safetensors", loras, ["it_sd15.safetensors"],
+                         family="sd15")
+        write_tiny_loras(tiny_sdxl_ckpt, loras, ["it_sdxl.safetensors"])
         yield srv
 
 
@@ -79,6 +85,17 @@ def sampling_graph(ckpt, loader):
     }
 
 
+def assert_loss_graph_shown(server, history, node="7"):
+    """Stock LossGraphNode drew our LOSS_MAP. Up to 0.3.x it saves ``<prefix>_<date>.png`` into
+    output/; from 0.8 it returns a temp preview instead. Either way the picture must exist."""
+    (graph,) = history["outputs"][node]["images"]
+    assert os.path.isfile(os.path.join(server.base_dir, graph["type"], graph.get("subfolder") or "", graph["filename"]))
+    if version_tuple(comfy_version()) < (0, 8):
+        assert graph["type"] == "output" and graph["filename"].startswith("embroidery_loss")
+    else:
+        assert graph["type"] == "temp"
+
+
 def test_pack_nodes_in_object_info_without_import_errors(server):
     info = server.object_info()
     for node_id in ("EmbroideryStyleBlocksLoader", "EmbroiderySaveStyleLoRA", "EmbroideryLoRABlockInspector",
@@ -100,7 +117,8 @@ def _saved_lora_path(server, history):
 def test_training_graph_then_stock_loraloader(server, family, ckpt):
     history = server.run(training_graph(ckpt, f"embroidery/it_{family}"), timeout=900)
     images = server.output_images(history)
-    assert any("embroidery_it" in p for p in images) and any("embroidery_loss" in p for p in images)
+    assert any("embroidery_it" in p for p in images)
+    assert_loss_graph_shown(server, history)
     name, path = _saved_lora_path(server, history)
 
     lora = load_lora(path)
@@ -151,3 +169,34 @@ def test_cancel_stops_training_and_leaves_no_file(server):
         server.wait(prompt_id, timeout=120)
     after = {os.path.join(d, f) for d, _, files in os.walk(loras) for f in files}
     assert after == before  # no LoRA, no checkpoint (checkpoint_every 0), no temp file
+
+
+def test_templates_and_their_thumbnails_are_served(server, pack_dir):
+    """What the template browser asks for (Workflow > Browse Templates on 0.3.x, Templates >
+    Extensions on 0.8): the list, each template, and the <name>.jpg of its card."""
+    listed = server.request("/api/workflow_templates")[PACK_LINK]
+    on_disk = sorted(p.stem for p in (pack_dir / "workflows").glob("*.json"))
+    assert sorted(listed) == on_disk
+    for name in listed:
+        assert server.request(f"/api/workflow_templates/{PACK_LINK}/{name}.json")["nodes"]
+        assert server.request(f"/api/workflow_templates/{PACK_LINK}/{name}.jpg", raw=True)[:3] == b"\xff\xd8\xff"
+
+
+def _loader(lora_name, strength=1.0):
+    return {"class_type": "EmbroideryStyleBlocksLoader", "inputs": {
+        "model": ["1", 0], "lora_name": lora_name, "blocks": "emolora_style", "custom_blocks": "",
+        "strength": strength}}
+
+
+def test_api_mistakes_are_refused_with_the_node_and_the_fix(server):
+    """A NaN sent through the API passes the server's min/max check; an SDXL LoRA on SD1.5 used to
+    "succeed" half-applied with the log full of shape errors."""
+    server.free()
+    before = len(server.log_text())
+    with pytest.raises((PromptFailed, PromptRejected), match="strength"):
+        server.run(sampling_graph("tiny_sd15.safetensors", _loader("it_sd15.safetensors", float("nan"))))
+    with pytest.raises(PromptFailed, match=r"Load Style Blocks of a LoRA: it_sdxl.safetensors is a LoRA for SDXL"):
+        server.run(sampling_graph("tiny_sd15.safetensors", _loader("it_sdxl.safetensors")))
+    assert "ERROR lora" not in server.log_text()[before:]  # nothing was half-applied
+    result = server.run(sampling_graph("tiny_sd15.safetensors", _loader("it_sd15.safetensors")))
+    assert len(server.output_images(result)) == 1

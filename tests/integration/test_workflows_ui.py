@@ -10,9 +10,10 @@ import re
 import pytest
 
 from embroidery_core.lora_file import load_lora
-from tests.workflow_format import load_snapshot, set_widget, widget_slots
+from tests.workflow_format import SUPPORTED_VERSIONS, load_snapshot, set_widget, widget_slots
 
 from .server import comfy_server
+from .tiny_models import write_tiny_loras
 from .test_server_training import PACK_LINK, _write_reference
 from .ui import run_ui_workflow, ui_unavailable_reason
 
@@ -42,27 +43,6 @@ TEMPLATE_LORAS = ("embroidery/emolora_00001.safetensors", "embroidery/emolora_00
                   "blora_content.safetensors")
 
 
-def write_tiny_loras(checkpoint, loras_dir, names=TEMPLATE_LORAS, rank=4):
-    """Random LoRAs on every attention projection of the checkpoint's UNet, in kohya layout."""
-    import re
-
-    import torch
-    from safetensors import safe_open
-
-    from embroidery_core.lora_file import lora_from_modules, save_lora
-
-    prefix = "model.diffusion_model."
-    pattern = re.compile(r"\.attn[12]\.to_(q|k|v|out\.0)\.weight$")
-    with safe_open(str(checkpoint), "pt") as f:
-        shapes = {k[len(prefix):-len(".weight")]: f.get_slice(k).get_shape()
-                  for k in f.keys() if k.startswith(prefix) and pattern.search(k)}
-    for i, name in enumerate(names):
-        g = torch.Generator().manual_seed(i)
-        modules = {m: (torch.randn(rank, s[1], generator=g) * 0.1, torch.randn(s[0], rank, generator=g) * 0.1, rank)
-                   for m, s in shapes.items()}
-        save_lora(lora_from_modules("sdxl", modules), os.path.join(loras_dir, name))
-
-
 @pytest.fixture(scope="module")
 def server(tiny_ckpt_dir, tiny_sdxl_ckpt, pack_dir):
     reason = ui_unavailable_reason()
@@ -70,7 +50,7 @@ def server(tiny_ckpt_dir, tiny_sdxl_ckpt, pack_dir):
         pytest.skip(reason)
     with comfy_server(custom_nodes=[(PACK_LINK, pack_dir)], models_dir=tiny_ckpt_dir) as srv:
         _write_reference(os.path.join(srv.base_dir, "input", REFERENCE))
-        write_tiny_loras(tiny_sdxl_ckpt, os.path.join(srv.base_dir, "models", "loras"))
+        write_tiny_loras(tiny_sdxl_ckpt, os.path.join(srv.base_dir, "models", "loras"), TEMPLATE_LORAS)
         yield srv
 
 
@@ -94,8 +74,15 @@ def retarget(workflow, family, info):
 
 
 def test_snapshot_matches_the_live_server(server):
-    """tests/data/object_info_subset.json (what CI validates against) is this ComfyUI + pack."""
-    live, stored = server.object_info(), load_snapshot()
+    """tests/data/object_info_<version>.json (what CI validates against) is this ComfyUI + pack:
+    one snapshot per supported version, and the pack's own nodes the same in all of them."""
+    version = server.request("/system_stats")["system"]["comfyui_version"]
+    assert version in SUPPORTED_VERSIONS, (f"ComfyUI {version} has no object_info snapshot; record one with "
+                                           "scripts/build_workflows.py and add it to SUPPORTED_VERSIONS")
+    live, stored = server.object_info(), load_snapshot(version)
+    for node_type, spec in load_snapshot().items():  # the pack's nodes look the same on every version
+        if node_type.startswith("Embroidery"):
+            assert {k: stored[node_type].get(k) for k in spec} == spec, node_type
     for node_type, spec in stored.items():
         assert node_type in live, node_type
         assert live[node_type]["input_order"] == spec["input_order"], node_type

@@ -263,3 +263,24 @@ def verify_checkpoint(path):
     patcher, _clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(os.fspath(path), output_vae=False,
                                                                     output_clip=False)
     return type(patcher.model.model_config).__name__
+
+
+def write_tiny_loras(checkpoint, loras_dir, names, rank=4, family="sdxl"):
+    """Random LoRAs on every attention projection of the checkpoint's UNet, in kohya layout."""
+    import re
+
+    import torch
+    from safetensors import safe_open
+
+    from embroidery_core.lora_file import lora_from_modules, save_lora
+
+    prefix = "model.diffusion_model."
+    pattern = re.compile(r"\.attn[12]\.to_(q|k|v|out\.0)\.weight$")
+    with safe_open(str(checkpoint), "pt") as f:
+        shapes = {k[len(prefix):-len(".weight")]: f.get_slice(k).get_shape()
+                  for k in f.keys() if k.startswith(prefix) and pattern.search(k)}
+    for i, name in enumerate(names):
+        g = torch.Generator().manual_seed(i)
+        modules = {m: (torch.randn(rank, s[1], generator=g) * 0.1, torch.randn(s[0], rank, generator=g) * 0.1, rank)
+                   for m, s in shapes.items()}
+        save_lora(lora_from_modules(family, modules), os.path.join(loras_dir, name))
