@@ -169,14 +169,16 @@ def _trainer_outputs() -> list:
 
 CHECKPOINT_FOLDER = "embroidery_checkpoints"
 RUN_ID_KEY = "embroidery.run_id"
-# Settings that do not change what a run learns: a resumed run with more iterations is the same run.
+# Settings that do not change what a run learns: a resumed run with more iterations is the same run
+# (so is the record of what it updated so far, which a resumed run carries in).
 _NOT_IDENTITY = ("embroidery.stage1_iterations", "embroidery.stage2_iterations", "embroidery.memory_preset")
 
 
 def _run_id(pair, meta: dict[str, str]) -> str:
     """This run's identity (images + settings), the part of its checkpoint name that keeps two runs
     with the same trigger word from overwriting each other."""
-    settings = {k: v for k, v in meta.items() if k not in _NOT_IDENTITY and k != RUN_ID_KEY}
+    settings = {k: v for k, v in meta.items()
+                if k not in _NOT_IDENTITY and k != RUN_ID_KEY and not k.startswith("embroidery.updated_blocks.")}
     return run_identity([pair.embroidery, pair.design], settings)
 
 

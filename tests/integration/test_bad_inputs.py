@@ -176,6 +176,11 @@ def test_two_styles_with_the_default_trigger_keep_their_own_checkpoints(pack, sd
 
     stage1(pack, model, clip, vae, pair, iterations=1, checkpoint_every=1)  # the same run again: its own file
     assert [n for n in _checkpoints(loras_dir) if n.endswith(".safetensors")] == saved
+    flower = next(n for n in saved if load_lora(folder / n).metadata["embroidery.subject"] == "flower")
+    stage1(pack, model, clip, vae, pair, iterations=2, checkpoint_every=1,
+           resume_from=f"embroidery_checkpoints/{flower}")  # resumed further: still its own file
+    assert [n for n in _checkpoints(loras_dir) if n.endswith(".safetensors")] == saved
+    assert load_lora(folder / flower).metadata["embroidery.step"] == "2"
 
     odd = _pair(pack, "satin", trigger="<emb>")
     stage1(pack, model, clip, vae, odd, iterations=1, checkpoint_every=1)
