@@ -45,11 +45,15 @@ def _guarded(execute):
     messages say what is wrong and the fix) prefixed with the node's display name."""
 
     signature = inspect.signature(execute)
+    spread = [p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]  # e.g. **regions
 
     @functools.wraps(execute)
     def run(cls, *args, **kwargs):
         node = cls.GET_SCHEMA().display_name
-        check_finite_inputs(signature.bind_partial(cls, *args, **kwargs).arguments, node)
+        inputs = dict(signature.bind_partial(cls, *args, **kwargs).arguments)
+        for name in spread:
+            inputs.update(inputs.pop(name, {}))
+        check_finite_inputs(inputs, node)
         try:
             return execute(cls, *args, **kwargs)
         except NodeInputError:
@@ -173,11 +177,7 @@ def load_model_lora(name: str, model, node: str) -> StyleLoRA:
     """A LoRA file checked against ``model`` before anything is patched: its family (metadata),
     every module's shape (another family or width is refused, not half-applied), finite weights."""
     arch = model_family(model, node)
-    lora = load_lora_file(name, arch.name, node)
-    try:
-        return require_fit(lora, weight_shapes(model), arch.name, what=name)
-    except ValueError as e:
-        raise NodeInputError(node, str(e)) from e
+    return require_fit(load_lora_file(name, arch.name, node), weight_shapes(model), arch.name, what=name)
 
 
 def load_lora_file(name: str, arch: str | None, node: str) -> StyleLoRA:

@@ -97,6 +97,12 @@ def test_non_finite_weights_and_strengths_are_refused(pack, loras_dir, models):
         loader.execute(sdxl, good, "blora_style", "", float("nan"))
     with pytest.raises(ValueError, match=r"^B-LoRA Mix \(Content \+ Style\): style_strength is inf"):
         pack["EmbroideryBLoRAMix"].execute(sdxl, good, "blora_content", 1.0, good, "blora_style", float("inf"), False)
+    from .tiny_models import tiny_conditioning
+
+    cond = tiny_conditioning("sdxl")
+    with pytest.raises(ValueError, match=r"^Embroidery Masked Style: strength_1 is nan"):
+        pack["EmbroideryMaskedStyle"].execute(sdxl, cond, cond, "all_attention", "", lora_1=good,
+                                              strength_1=float("nan"), mask_1=torch.ones(1, 8, 8))
     with pytest.raises(ValueError, match=rf"^{LOADER}: cannot read block strength 'output_blocks.1.1=nan'"):
         loader.execute(sdxl, good, "blora_style", "", 1.0, "output_blocks.1.1=nan")
     assert not sdxl.patches
