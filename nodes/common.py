@@ -32,12 +32,13 @@ class NodeInputError(ValueError):
         super().__init__(f"{node}: {message}")
 
 
-def check_finite_inputs(inputs: dict, node: str) -> None:
+def check_finite_inputs(inputs: dict, node) -> None:
     """A NaN or inf sent through the API passes ComfyUI's min/max check (every comparison with
-    NaN is false) and would end as a black image; refuse it before any work."""
+    NaN is false) and would end as a black image; refuse it before any work. ``node``: the
+    node's name, or a function returning it."""
     for name, value in inputs.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise NodeInputError(node, f"{name} is {value}; give it a finite number")
+            raise NodeInputError(node() if callable(node) else node, f"{name} is {value}; give it a finite number")
 
 
 def _guarded(execute):
@@ -49,7 +50,9 @@ def _guarded(execute):
 
     @functools.wraps(execute)
     def run(cls, *args, **kwargs):
-        node = cls.GET_SCHEMA().display_name
+        # define_schema, not GET_SCHEMA: ComfyUI 0.8 runs a locked clone, on which GET_SCHEMA's
+        # caching assignment raises; and only on an error, so a normal run pays nothing
+        node = lambda: cls.define_schema().display_name  # noqa: E731
         inputs = dict(signature.bind_partial(cls, *args, **kwargs).arguments)
         for name in spread:
             inputs.update(inputs.pop(name, {}))
@@ -59,7 +62,7 @@ def _guarded(execute):
         except NodeInputError:
             raise
         except ValueError as e:
-            raise NodeInputError(node, str(e)) from e
+            raise NodeInputError(node(), str(e)) from e
 
     run.embroidery_guarded = True
     return run
