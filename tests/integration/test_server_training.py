@@ -86,14 +86,15 @@ def sampling_graph(ckpt, loader):
 
 
 def assert_loss_graph_shown(server, history, node="7"):
-    """Stock LossGraphNode drew our LOSS_MAP. Up to 0.3.x it saves ``<prefix>_<date>.png`` into
-    output/; from 0.8 it returns a temp preview instead. Either way the picture must exist."""
+    """Stock LossGraphNode drew our LOSS_MAP. Up to 0.3.x it writes ``<prefix>_<date>.png`` into
+    the temp folder itself; from 0.8 it returns a PreviewImage (ComfyUI's own temp name) instead.
+    Either way the picture must exist."""
     (graph,) = history["outputs"][node]["images"]
     assert os.path.isfile(os.path.join(server.base_dir, graph["type"], graph.get("subfolder") or "", graph["filename"]))
     if version_tuple(comfy_version()) < (0, 8):
-        assert graph["type"] == "output" and graph["filename"].startswith("embroidery_loss")
+        assert graph["type"] == "temp" and graph["filename"].startswith("embroidery_loss_")
     else:
-        assert graph["type"] == "temp"
+        assert graph["type"] == "temp" and not graph["filename"].startswith("embroidery_loss_")
 
 
 def test_pack_nodes_in_object_info_without_import_errors(server):
