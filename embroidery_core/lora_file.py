@@ -352,7 +352,7 @@ def _alpha_value(key: str, tensor: torch.Tensor) -> float:
     """An ``.alpha`` entry as one finite number; anything else names the key."""
     if tensor.numel() != 1:
         raise ValueError(f"{key} holds {tensor.numel()} values {tuple(tensor.shape)}; a LoRA alpha is one "
-                         f"number, so the file is damaged or not a LoRA: re-export or re-download it")
+                         "number, so the file is damaged or not a LoRA: re-export or re-download it")
     value = float(tensor.float().item())
     if not math.isfinite(value):
         raise ValueError(f"{key} is {value}; a LoRA alpha must be a finite number: re-export or re-download the file")

@@ -290,8 +290,9 @@ def export(trainer: Trainer, arch: str, stage: int, metadata: dict[str, str] | N
         blocks = set(previous) | trainer.updated_blocks[kind]
         meta[f"embroidery.updated_blocks.{key}"] = ",".join(sorted(blocks, key=block_sort_key))
     lora = trainer.adapters.to_style_lora(arch, meta)
-    if lora.non_finite():
-        raise ValueError(f"training diverged by step {trainer.step}: {len(lora.non_finite())} LoRA modules hold "
+    diverged = lora.non_finite()
+    if diverged:
+        raise ValueError(f"training diverged by step {trainer.step}: {len(diverged)} LoRA modules hold "
                          "NaN or inf; the last checkpoint is kept. Lower the learning rate, or use precision fp32")
     return lora
 

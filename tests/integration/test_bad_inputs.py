@@ -58,12 +58,12 @@ def readers(pack, model, name):
 
 
 def test_a_lora_of_another_family_or_width_is_refused_by_every_reader(pack, loras_dir, models):
-    sd15 = models["sd15"]
+    small = models["sd15"]
     _, xl = make_lora(models["sdxl"])
     names = [write_raw(xl, loras_dir / "xl.safetensors"),
              write_raw(xl, loras_dir / "xl_no_metadata.safetensors", metadata=False)]
 
-    _, sd2 = make_lora(sd15)  # SD1.5 blocks, but SD2's 1024-wide text context in every attn2.to_k/to_v
+    _, sd2 = make_lora(small)  # SD1.5 blocks, but SD2's 1024-wide text context in every attn2.to_k/to_v
 
     def widen(sd):
         for key in [k for k in sd if re.search(r"attn2_to_[kv]\.lora_down", k)]:
@@ -71,11 +71,11 @@ def test_a_lora_of_another_family_or_width_is_refused_by_every_reader(pack, lora
     names.append(write_raw(sd2, loras_dir / "sd2_width.safetensors", widen))
 
     for name in names:
-        for node, call in readers(pack, sd15, name).items():
+        for node, call in readers(pack, small, name).items():
             with pytest.raises(ValueError, match=rf"^{re.escape(node)}: {name}.*(is a LoRA for SDXL|does not fit "
                                                  r"this SD1.x/SD2.x model|name no SD1.x/SD2.x UNet module)"):
                 call()
-    assert not sd15.patches and not sd15.object_patches and not sd15.weight_wrapper_patches
+    assert not small.patches and not small.object_patches and not small.weight_wrapper_patches
 
 
 def test_non_finite_weights_and_strengths_are_refused(pack, loras_dir, models):
@@ -150,7 +150,6 @@ def _checkpoints(loras_dir):
 
 def _pair(pack, technique, trigger="emb", subject="flower"):
     import numpy as np
-    from PIL import Image
 
     from embroidery_core.toyworld.generator import make_design, render_embroidery
 
