@@ -1,4 +1,4 @@
-"""The README's demo command, as a user runs it: `python -m embroidery_core demo --quick --out DIR`."""
+"""The README's demo command, as a user runs it: `python -m toyworld demo --quick --out DIR`."""
 import json
 import os
 import subprocess
@@ -7,7 +7,7 @@ import time
 
 from PIL import Image
 
-from embroidery_core.toyworld.demo import METRIC_KEYS, QUICK
+from toyworld.demo import METRIC_KEYS, QUICK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK_BUDGET_S = 60
@@ -16,7 +16,7 @@ QUICK_BUDGET_S = 60
 def test_quick_demo_writes_contact_sheet_and_metrics(tmp_path):
     out = tmp_path / "demo"
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "embroidery_core", "demo", "--quick", "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "toyworld", "demo", "--quick", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=3 * QUICK_BUDGET_S)
     elapsed = time.monotonic() - start
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -35,7 +35,7 @@ def test_quick_demo_writes_contact_sheet_and_metrics(tmp_path):
 
 
 def test_demo_rejects_a_technique_the_base_model_has_seen(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "embroidery_core", "demo", "--quick", "--technique", "satin",
+    done = subprocess.run([sys.executable, "-m", "toyworld", "demo", "--quick", "--technique", "satin",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "held-out" in done.stderr
 
@@ -44,7 +44,7 @@ def test_demo_refuses_an_unusable_output_folder_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "embroidery_core", "demo", "--quick", "--out", str(blocker / "out")],
+    done = subprocess.run([sys.executable, "-m", "toyworld", "demo", "--quick", "--out", str(blocker / "out")],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "pass a writable --out" in done.stderr
     assert "stage 1" not in done.stdout and time.monotonic() - start < 30

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from embroidery_core.provenance import git_commit
-from embroidery_core.toyworld import benchmark
+from toyworld import benchmark
 
 
 @pytest.fixture(autouse=True)

@@ -9,12 +9,12 @@ import safetensors
 import torch
 
 from embroidery_core.tiny_unet import TinyUNet
-from embroidery_core.toyworld import HELD_OUT, TECHNIQUES, TRIGGER, VOCAB
-from embroidery_core.toyworld import classifier as clf
-from embroidery_core.toyworld import train_base
-from embroidery_core.toyworld.model import (TOY_UNET, WEIGHTS, ToyTextEncoder, build_toy_model, from_latent,
+from toyworld import HELD_OUT, TECHNIQUES, TRIGGER, VOCAB
+from toyworld import classifier as clf
+from toyworld import train_base
+from toyworld.model import (TOY_UNET, WEIGHTS, ToyTextEncoder, build_toy_model, from_latent,
                                             load_toy_model, read_metadata, to_latent, toy_state_dict)
-from embroidery_core.toyworld.sample import generate, sigma_schedule
+from toyworld.sample import generate, sigma_schedule
 
 MAX_BASE_BYTES = 20 * 2 ** 20
 MAX_CLASSIFIER_BYTES = 2 * 2 ** 20
@@ -62,7 +62,7 @@ def test_training_script_writes_a_loadable_file_of_that_architecture(tmp_path):
     config = train_base.BaseTrainConfig(steps=2, batch=2, warmup=1)
     unet, encoder, done, history = train_base.train(config, log_every=1)
     path = str(tmp_path / "base.safetensors")
-    from embroidery_core.toyworld.model import save_toy_model
+    from toyworld.model import save_toy_model
 
     save_toy_model(path, unet, encoder, {"seed": 0, "steps": done, "script_version": train_base.SCRIPT_VERSION})
     assert done == 2 and len(history) == 2 and all(np.isfinite(history))

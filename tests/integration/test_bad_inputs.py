@@ -151,7 +151,7 @@ def _checkpoints(loras_dir):
 def _pair(pack, technique, trigger="emb", subject="flower"):
     import numpy as np
 
-    from embroidery_core.toyworld.generator import make_design, render_embroidery
+    from toyworld.generator import make_design, render_embroidery
 
     image, _ = render_embroidery(make_design(7, size=128), technique, 7)
     tensor = torch.from_numpy(np.clip(image, 0, 1).astype(np.float32))[None]

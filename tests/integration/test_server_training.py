@@ -24,7 +24,7 @@ def _write_reference(path):
     import numpy as np
     from PIL import Image
 
-    from embroidery_core.toyworld.generator import make_design, render_embroidery
+    from toyworld.generator import make_design, render_embroidery
 
     image, _ = render_embroidery(make_design(3, size=128), "satin", 3)
     Image.fromarray((np.clip(image, 0, 1) * 255).astype("uint8")).save(path)

@@ -1,6 +1,6 @@
 """Stitch-technique classifier: which of the 7 techniques (or a flat design) a 64 px toy image shows.
 
-    python -m embroidery_core.toyworld.classifier --out technique_classifier.safetensors [--steps N]
+    python -m toyworld.classifier --out technique_classifier.safetensors [--steps N]
 
 The benchmark's "technique accuracy" is the share of outputs this CNN assigns to the target
 technique. It is trained on fresh generator renders of all techniques plus flat designs (an
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..files import atomic_path
+from embroidery_core.files import atomic_path
 from .generator import TECHNIQUES, make_design, render_embroidery
 from .model import IMAGE_SIZE, read_metadata
 from .train_base import TRAIN_DESIGN_SEEDS
@@ -34,7 +34,7 @@ CLASSES = TECHNIQUES + ("design",)
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "technique_classifier.safetensors")
 FORMAT = "embroidery-toy-technique-classifier/1"
 SCRIPT_VERSION = "1"
-log = logging.getLogger("embroidery_core.toyworld.classifier")
+log = logging.getLogger("toyworld.classifier")
 
 
 @dataclass

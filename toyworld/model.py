@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion import PREDICTIONS, Cond, TorchDenoiser
-from ..files import atomic_path
-from ..tiny_unet import TinyUNet, TinyUNetConfig
+from embroidery_core.diffusion import PREDICTIONS, Cond, TorchDenoiser
+from embroidery_core.files import atomic_path
+from embroidery_core.tiny_unet import TinyUNet, TinyUNetConfig
 from .generator import VOCAB, tokenize
 
 IMAGE_SIZE = 64  # toy images are 64 x 64 RGB
@@ -123,7 +123,7 @@ def load_toy_model(path: str | None = None, device: str | torch.device = "cpu") 
     path = path or WEIGHTS
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no toy base model at {path}; train one with "
-                                "`python -m embroidery_core.toyworld.train_base --out <file>`")
+                                "`python -m toyworld.train_base --out <file>`")
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a toy base model (format {meta.get('format')!r}, expected {FORMAT!r})")

@@ -1,6 +1,6 @@
-"""Command line of the core: ``python -m embroidery_core demo [--out DIR] [--quick]``.
+"""Command line of the toy world: ``python -m toyworld demo [--out DIR] [--quick]``.
 
-``demo`` runs EmoLoRA end to end on CPU in the procedural toy world (embroidery_core.toyworld.demo)
+``demo`` runs EmoLoRA end to end on CPU in the procedural toy world (toyworld.demo)
 and writes a contact sheet and a metrics JSON; ``--quick`` is the short CI version.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m embroidery_core", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m toyworld", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="one-shot EmoLoRA on the toy model, CPU (under 3 min; --quick about 10 s)")
     demo.add_argument("--out", default="./embroidery_demo", help="folder for contact_sheet.png and metrics.json")
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     import torch
 
-    from .toyworld.demo import run_demo
+    from .demo import run_demo
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

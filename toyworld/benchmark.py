@@ -1,6 +1,6 @@
 """One-shot fidelity benchmark in the toy world: EmoLoRA against its ablation and two baselines.
 
-    python -m embroidery_core.toyworld.benchmark [--refs K] [--designs M] [--seeds S] [--doc docs/FIDELITY.md]
+    python -m toyworld.benchmark [--refs K] [--designs M] [--seeds S] [--doc docs/FIDELITY.md]
 
 For each held-out technique (never seen by the base model), K references (renders of unseen
 designs) x S seeds, every method learns the style from the one reference and turns the same M
@@ -37,13 +37,13 @@ import time
 import numpy as np
 import torch
 
-from .. import metrics
-from ..adapters import AdapterSet, installed, linear_targets
-from ..files import write_text
-from ..lora_file import StyleLoRA
-from ..pair import embroidery_prompt
-from ..provenance import git_commit
-from ..trainer import PairLatents, Trainer, single_prompt_iteration
+from embroidery_core import metrics
+from embroidery_core.adapters import AdapterSet, installed, linear_targets
+from embroidery_core.files import write_text
+from embroidery_core.lora_file import StyleLoRA
+from embroidery_core.pair import embroidery_prompt
+from embroidery_core.provenance import git_commit
+from embroidery_core.trainer import PairLatents, Trainer, single_prompt_iteration
 from . import demo
 from .classifier import load_classifier, technique_accuracy
 from .demo import ARCH, METRIC_KEYS, STAGE2_SUBJECTS, ToyRunConfig
@@ -62,7 +62,7 @@ COLUMNS = (("hfrd", "HFRD ↓"), ("hist_ref", "Hist(ref) ↑"), ("hist_design", 
            ("hist_gt", "Hist(gt) ↑"))
 ROUND_TRIP_STRENGTHS = (0.1, 0.2, 0.45)  # --base-check --round-trip: little, some and much of the render kept
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
-log = logging.getLogger("embroidery_core.toyworld.benchmark")
+log = logging.getLogger("toyworld.benchmark")
 
 
 # --- single-prompt baselines -----------------------------------------------------------------
@@ -201,7 +201,7 @@ def markdown_table(summary: dict) -> str:
 def results_block(runs: list[dict], args, minutes: float) -> str:
     techniques = sorted({r["technique"] for r in runs}, key=HELD_OUT.index)
     parts = [RESULTS_START, "",
-             f"- Command: `python -m embroidery_core.toyworld.benchmark --refs {args.refs} --designs {args.designs} "
+             f"- Command: `python -m toyworld.benchmark --refs {args.refs} --designs {args.designs} "
              f"--seeds {args.seeds}" + (f" --weights {args.weights}" if args.weights else "") + "`",
              f"- Date: {datetime.date.today().isoformat()}; commit: `{git_commit()['commit'] or 'unknown'}` (plus the working tree of this "
              "change); torch " + torch.__version__ + f"; {platform.machine()} CPU, {torch.get_num_threads()} thread(s).",

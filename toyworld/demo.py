@@ -1,6 +1,6 @@
 """EmoLoRA end to end in the toy world: one reference in a held-out technique -> new designs in its style.
 
-    python -m embroidery_core demo [--out ./embroidery_demo] [--quick] [--technique french_knot]
+    python -m toyworld demo [--out ./embroidery_demo] [--quick] [--technique french_knot]
 
 The steps are the ones the ComfyUI nodes run, on the toy base model instead of SDXL:
 
@@ -32,19 +32,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .. import metrics
-from ..adapters import AdapterSet, installed
-from ..files import atomic_path, write_text
-from ..images import flatten_design, to_pil
-from ..lora_file import StyleLoRA
-from ..pair import design_prompt, embroidery_prompt
-from ..trainer import (EmoLoRAConfig, PairLatents, Trainer, export, resume_point, run_stage2,
+from embroidery_core import metrics
+from embroidery_core.adapters import AdapterSet, installed
+from embroidery_core.files import atomic_path, write_text
+from embroidery_core.images import flatten_design, to_pil
+from embroidery_core.lora_file import StyleLoRA
+from embroidery_core.pair import design_prompt, embroidery_prompt
+from embroidery_core.trainer import (EmoLoRAConfig, PairLatents, Trainer, export, resume_point, run_stage2,
                        train_emolora)
 from .generator import HELD_OUT, TRIGGER, sample_pair
 from .model import load_toy_model, to_latent, toy_denoiser
 from .sample import generate
 
-log = logging.getLogger("embroidery_core.toyworld.demo")
+log = logging.getLogger("toyworld.demo")
 
 ARCH = "sdxl"  # the toy UNet's blocks carry SDXL's names (TinyUNetConfig.arch())
 REFERENCE_SEED = 3_000_000  # design seeds above train_base.TRAIN_DESIGN_SEEDS: never trained on

@@ -1,6 +1,6 @@
 """Train the toy world's base model: designs and the TRAIN_TECHNIQUES embroideries, with prompts.
 
-    python -m embroidery_core.toyworld.train_base --out toy_base.safetensors [--steps N] [--minutes M] [--model-channels C]
+    python -m toyworld.train_base --out toy_base.safetensors [--steps N] [--minutes M] [--model-channels C]
 
 What it sees: flat designs prompted "a red circle blue star" and their embroideries in the four
 training techniques prompted "a red circle blue star in satin style" (the technique word is the
@@ -33,14 +33,14 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from ..diffusion import TorchDenoiser, add_noise, diffusion_loss, target
-from ..tiny_unet import TinyUNetConfig
+from embroidery_core.diffusion import TorchDenoiser, add_noise, diffusion_loss, target
+from embroidery_core.tiny_unet import TinyUNetConfig
 from .generator import TRAIN_TECHNIQUES, make_design, render_embroidery
 from .model import IMAGE_SIZE, TOY_UNET, UNCOND, build_toy_model, save_toy_model, to_latent
 
 SCRIPT_VERSION = "1"
 TRAIN_DESIGN_SEEDS = 1_000_000  # designs 0..999999 train the base; evaluations draw above
-log = logging.getLogger("embroidery_core.toyworld.train_base")
+log = logging.getLogger("toyworld.train_base")
 
 
 @dataclass
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(step, unet, encoder, history):
         minutes = (time.monotonic() - start) / 60
-        meta = {"prediction": config.prediction, "seed": config.seed, "steps": step, "script": "embroidery_core.toyworld.train_base",
+        meta = {"prediction": config.prediction, "seed": config.seed, "steps": step, "script": "toyworld.train_base",
                 "script_version": SCRIPT_VERSION, "train_config": json.dumps(asdict(config), sort_keys=True),
                 "torch": torch.__version__, "threads": config.threads, "train_minutes": f"{minutes:.1f}",
                 "final_loss": f"{history[-1]:.5f}" if history else "nan"}

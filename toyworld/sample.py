@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import Cond, denoised
+from embroidery_core.diffusion import Cond, denoised
 from .model import IMAGE_SIZE, PATCH, UNCOND, from_latent, to_latent, toy_denoiser
 
 DEFAULT_STEPS = 20
