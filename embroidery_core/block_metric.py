@@ -3,7 +3,8 @@
 Both images of the pair are noised with the same noise at several timesteps; at each, the
 output of every self-attention layer (F = to_out(softmax(QK^T/sqrt(d))V), i.e. attn1.to_out.0)
 is recorded for both. A block's score is the cosine similarity of the two images' outputs,
-averaged over its layers and the timesteps. Low similarity = the block reacts to embroidery
+each channel centred over the tokens first (:func:`centred_cosine`), averaged over its layers and
+the timesteps. Low similarity = the block reacts to embroidery
 texture rather than to the picture, so it is a candidate style block. The paper inverts both
 images with ReNoise first; we noise them directly (same noise), which needs no inversion and
 compares the same thing at each noise level.
@@ -42,13 +43,26 @@ class FeatureRecorder:
         return records
 
 
+def centred_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity per batch item of two ``[batch, tokens, channels]`` feature maps, each
+    channel centred over the tokens first. A plain cosine over the whole map is dominated by the
+    channels' mean, which both images share: on the toy base every block scored >= 0.99, so the
+    ranking was noise. Centred, it compares how the features vary across the picture (a
+    correlation), which is what stitches change. A one-token map has nothing to centre over and is
+    compared plainly. The paper does not give its exact reduction (METHODS.md section 1)."""
+    if a.ndim >= 3 and a.shape[-2] > 1:
+        a = a - a.mean(dim=-2, keepdim=True)
+        b = b - b.mean(dim=-2, keepdim=True)
+    return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)
+
+
 def block_similarity(first: dict[str, list[torch.Tensor]], second: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    """Mean cosine similarity per block between two recordings of the same calls."""
+    """Mean centred cosine similarity per block between two recordings of the same calls."""
     per_block: dict[str, list[float]] = defaultdict(list)
     for name, outputs in first.items():
         block = block_of(name)
         for a, b in zip(outputs, second.get(name, [])):
-            per_block[block].append(F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1).mean().item())
+            per_block[block].append(centred_cosine(a, b).mean().item())
     return {b: sum(v) / len(v) for b, v in sorted(per_block.items(), key=lambda kv: block_sort_key(kv[0])) if v}
 
 

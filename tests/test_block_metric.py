@@ -6,6 +6,20 @@ from embroidery_core.adapters import installed
 from embroidery_core.diffusion import Cond, TorchDenoiser
 
 
+def test_centred_cosine_is_the_formula_and_ignores_the_shared_mean():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 64, 8, generator=g), torch.randn(2, 64, 8, generator=g)
+    xc, yc = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+    want = (xc * yc).sum((1, 2)) / (xc.norm(dim=(1, 2)) * yc.norm(dim=(1, 2)))
+    torch.testing.assert_close(block_metric.centred_cosine(x, y), want)
+    shared = 20 * torch.randn(1, 1, 8, generator=g)  # the same large per-channel mean in both images
+    plain = torch.nn.functional.cosine_similarity((x + shared).flatten(1), (y + shared).flatten(1), dim=1)
+    assert plain.min() > 0.95  # what the plain cosine saw: everything alike
+    torch.testing.assert_close(block_metric.centred_cosine(x + shared, y + shared), want)  # centred: unchanged
+    assert want.abs().max() < 0.3  # independent features are not similar
+    torch.testing.assert_close(block_metric.centred_cosine(x, 3 * x + shared), torch.ones(2))
+
+
 def test_similarity_is_per_block_mean_cosine():
     a = {"output_blocks.1.1.transformer_blocks.0.attn1.to_out.0": [torch.tensor([[[1.0, 0.0]]])],
          "input_blocks.5.1.transformer_blocks.0.attn1.to_out.0": [torch.tensor([[[1.0, 0.0]]])]}
