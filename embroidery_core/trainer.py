@@ -250,11 +250,21 @@ def loss_map(history: list[dict[str, torch.Tensor]]) -> dict[str, list[float]]:
 
 # ---------------------------------------------------------------------------- files and resume
 
+RUN_ID_KEY = "embroidery.run_id"
+# Metadata that does not change what a run learns: a resumed run with more iterations is the same
+# run, and so is the record of what it updated so far, which a resumed run carries in.
+_NOT_IDENTITY = ("embroidery.stage1_iterations", "embroidery.stage2_iterations", "embroidery.memory_preset",
+                 RUN_ID_KEY)
+
+
 def run_identity(tensors: list[torch.Tensor], settings: dict[str, str]) -> str:
     """Eight hex digits that tell one training run from another: a digest of its images and
-    every setting that changes what it learns. A checkpoint name carries it, so two styles trained
-    with the same trigger word never overwrite each other's files, while a resumed run (same
-    inputs) keeps writing its own."""
+    every setting that changes what it learns (iteration counts, memory preset and the record of
+    updated blocks are left out). A checkpoint name carries it, so two styles trained with the
+    same trigger word never overwrite each other's files, while a resumed run (same inputs) keeps
+    writing its own."""
+    settings = {k: v for k, v in settings.items()
+                if k not in _NOT_IDENTITY and not k.startswith("embroidery.updated_blocks.")}
     digest = hashlib.sha256()
     for tensor in tensors:
         t = tensor.detach().to("cpu", torch.float32).contiguous()

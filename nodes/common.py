@@ -190,10 +190,7 @@ def load_lora_file(name: str, arch: str | None, node: str) -> StyleLoRA:
     with _lora_cache_lock:
         if key in _lora_cache:
             return _lora_cache[key]
-    try:
-        lora = load_lora(path, arch=arch)
-    except ValueError as e:
-        raise NodeInputError(node, str(e)) from e
+    lora = load_lora(path, arch=arch)  # its ValueErrors reach the user through PackNode, named
     with _lora_cache_lock:
         if len(_lora_cache) > 16:
             _lora_cache.clear()

@@ -16,8 +16,9 @@ from ..embroidery_core.files import filename_part
 from ..embroidery_core.lora_file import require_fit, save_lora
 from ..embroidery_core.pair import DEFAULT_RESOLUTION, LATENT_MULTIPLE, AnalogyPair, build_pair, embroidery_prompt
 from ..embroidery_core.presets import DEFAULT_MEMORY_PRESET, MEMORY_PRESETS, get_memory_preset
-from ..embroidery_core.trainer import (Checkpointer, EmoLoRAConfig, PairLatents, Trainer, check_resume_range, export,
-                                       loss_map, resume_point, run_identity, run_stage1, run_stage2)
+from ..embroidery_core.trainer import (RUN_ID_KEY, Checkpointer, EmoLoRAConfig, PairLatents, Trainer,
+                                       check_resume_range, export, loss_map, resume_point, run_identity, run_stage1,
+                                       run_stage2)
 from . import comfy_training as ct
 from .common import (CATEGORY, AnalogyPairType, NodeInputError, PackNode, StyleLoRAType, apply_lora_patches,
                      check_choice, load_model_lora, lora_fingerprint, model_family, resolve_blocks, weight_shapes)
@@ -168,18 +169,6 @@ def _trainer_outputs() -> list:
 
 
 CHECKPOINT_FOLDER = "embroidery_checkpoints"
-RUN_ID_KEY = "embroidery.run_id"
-# Settings that do not change what a run learns: a resumed run with more iterations is the same run
-# (so is the record of what it updated so far, which a resumed run carries in).
-_NOT_IDENTITY = ("embroidery.stage1_iterations", "embroidery.stage2_iterations", "embroidery.memory_preset")
-
-
-def _run_id(pair, meta: dict[str, str]) -> str:
-    """This run's identity (images + settings), the part of its checkpoint name that keeps two runs
-    with the same trigger word from overwriting each other."""
-    settings = {k: v for k, v in meta.items()
-                if k not in _NOT_IDENTITY and k != RUN_ID_KEY and not k.startswith("embroidery.updated_blocks.")}
-    return run_identity([pair.embroidery, pair.design], settings)
 
 
 def checkpoint_name(pair, stage: int, run_id: str) -> str:
@@ -236,7 +225,7 @@ def _train(cls, node, model, adapters, config, pair, latents_fn, stage, start, u
     blocks = adapters.style_blocks
     meta = {**config.metadata(), **_metadata(pair, blocks), **(extra_meta or {}), "embroidery.arch": arch.name,
             "embroidery.stage": str(stage), "embroidery.precision": kw["precision"]}
-    meta[RUN_ID_KEY] = _run_id(pair, meta)
+    meta[RUN_ID_KEY] = run_identity([pair.embroidery, pair.design], meta)
     meta["embroidery.memory_preset"] = kw["memory_preset"]
     providers = preset.providers(adapters, model.model.diffusion_model)
     latents = latents_fn(model.load_device)

@@ -281,6 +281,8 @@ def test_run_identity_tells_runs_apart_and_keeps_a_run_its_own():
     assert len(first) == 8 and int(first, 16) >= 0
     assert first != run_identity([b.embroidery, b.design], settings)  # another style, same trigger
     assert first != run_identity([a.embroidery, a.design], {**settings, "embroidery.learning_rate": "0.001"})
+    resumed = {**settings, "embroidery.stage1_iterations": "800", "embroidery.updated_blocks.design": "x"}
+    assert first == run_identity([a.embroidery, a.design], resumed)  # the same run, resumed further
 
 
 def test_a_resume_with_nothing_left_to_train_says_so():
