@@ -1,11 +1,12 @@
 """The fidelity benchmark script keeps working (smoke size) and rewrites only its results block."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from embroidery_core.provenance import git_commit
-from toyworld import benchmark
+from toyworld import HELD_OUT, TRAIN_TECHNIQUES, benchmark
 
 
 @pytest.fixture(autouse=True)
@@ -20,39 +21,82 @@ def test_smoke_run_writes_a_table_of_every_method_and_keeps_the_prose(tmp_path):
     doc.write_text("# Fidelity\n\nProse a person wrote.\n\n" + benchmark.RESULTS_START + "old numbers"
                    + benchmark.RESULTS_END + "\n\nMore prose.\n")
     runs_json = tmp_path / "runs.json"
-    assert benchmark.main(["--quick", "--techniques", "chain", "--refs", "1", "--designs", "1", "--seeds", "1",
-                           "--doc", str(doc), "--json", str(runs_json)]) == 0
+    assert benchmark.main(["--quick", "--techniques", "knot vertical fine", "--refs", "1", "--designs", "1",
+                           "--seeds", "1", "--doc", str(doc), "--json", str(runs_json)]) == 0
 
     text = doc.read_text()
     assert text.startswith("# Fidelity\n\nProse a person wrote.") and text.endswith("More prose.\n")
     assert "old numbers" not in text and "--refs 1 --designs 1 --seeds 1" in text
     assert f"commit: `{git_commit()['commit'] or 'unknown'}`" in text
+    assert "Base-model gate PASSED" in text or "Base-model gate FAILED" in text
     for method in benchmark.METHODS:
         assert f"| {benchmark.LABELS[method]} |" in text
-    runs = json.loads(runs_json.read_text())["runs"]
-    assert len(runs) == 1 and runs[0]["technique"] == "chain"
-    truth = runs[0]["ground_truth"]
-    assert truth["hfrd_gt"] == 0.0 and truth["hist_gt"] == pytest.approx(100.0)  # the render against itself
+    for method in benchmark.METHODS[1:-1]:  # EmoLoRA's paired differences to every other method
+        assert text.count(f"| {benchmark.LABELS[method]} |") == 3  # main table, paired table, per technique
+    runs = json.loads(runs_json.read_text())
+    assert set(runs["gate"]) == set(TRAIN_TECHNIQUES + HELD_OUT)
+    assert len(runs["runs"]) == 1 and runs["runs"][0]["technique"] == "knot vertical fine"
+    truth = runs["runs"][0]["ground_truth"]
+    assert truth["hfrd_gt"] == 0.0 and truth["hist_gt"] == 0.0  # the render against itself
+    assert truth["technique_accuracy"] == 1.0 and truth["palette_leak"] < 5.0
 
 
-def test_summary_is_mean_and_spread_over_runs():
+def test_summary_is_mean_spread_and_interval_over_runs():
     runs = [{m: {k: float(i) for k in benchmark.METRIC_KEYS} for m in benchmark.METHODS} for i in (1, 3)]
-    summary = benchmark.summarise(runs)
-    assert summary["emolora"]["hfrd"] == (2.0, 1.0)
+    mean, std, low, high = benchmark.summarise(runs)["emolora"]["hfrd"]
+    assert (mean, std) == (2.0, 1.0) and 1.0 <= low <= mean <= high <= 3.0
+
+
+def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_runs():
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(5, 1, 8), rng.normal(5, 1, 200)
+    low, high = benchmark.bootstrap_interval(few)
+    assert low < few.mean() < high
+    low_many, high_many = benchmark.bootstrap_interval(many)
+    assert high_many - low_many < high - low
+    assert benchmark.bootstrap_interval([2.0]) == (2.0, 2.0)
+
+
+def test_paired_differences_count_wins_by_each_metric_direction():
+    def run(emo, blora):
+        values = {m: {k: 0.0 for k in benchmark.METRIC_KEYS} for m in benchmark.METHODS}
+        values["emolora"].update(technique_accuracy=emo, hfrd_gt=emo)
+        values["blora"].update(technique_accuracy=blora, hfrd_gt=blora)
+        return values
+
+    result = benchmark.paired([run(0.8, 0.2), run(0.6, 0.4)])["blora"]
+    mean, low, high, wins = result["technique_accuracy"]
+    assert mean == pytest.approx(0.4) and wins == 1.0  # higher accuracy is better
+    assert result["hfrd_gt"][3] == 0.0  # higher HFRD is worse: EmoLoRA wins none
+
+
+def test_gate_needs_every_training_and_held_out_technique():
+    good = {t: 1.0 for t in TRAIN_TECHNIQUES + HELD_OUT}
+    assert benchmark.gate_verdict(good)[0]
+    assert not benchmark.gate_verdict({**good, TRAIN_TECHNIQUES[0]: 0.85})[0]
+    assert benchmark.gate_verdict({**good, HELD_OUT[0]: 0.7})[0]
+    assert not benchmark.gate_verdict({**good, HELD_OUT[0]: 0.65})[0]
+    missing = dict(good)
+    del missing[HELD_OUT[-1]]
+    assert not benchmark.gate_verdict(missing)[0]
 
 
 def test_base_check_has_a_row_per_technique_and_marks_the_held_out_ones():
     torch.set_num_threads(1)
-    table = benchmark.base_check(1, strengths=(0.6,), techniques=("satin", "chain")).splitlines()
-    assert len(table) == 4 and table[0].count("@ 0.6") == 2
-    assert table[2].startswith("| `satin` |") and table[3].startswith("| `chain` (held out) |")
-    accuracy, hfrd_gt = (float(c) for c in table[2].strip("|").split("|")[1:])
-    assert 0.0 <= accuracy <= 1.0 and hfrd_gt >= 0.0
+    techniques = (TRAIN_TECHNIQUES[0], HELD_OUT[0], "chain horizontal fine")
+    table, accuracy = benchmark.base_check(1, strengths=(0.6,), techniques=techniques)
+    table = table.splitlines()
+    assert len(table) == 5 and table[0].count("@ 0.6") == 2
+    assert table[2].startswith(f"| `{TRAIN_TECHNIQUES[0]}` |") and table[3].startswith(f"| `{HELD_OUT[0]}` (held out) |")
+    assert table[4].startswith("| `chain horizontal fine` (new kind) |")
+    score, hfrd_gt = (float(c) for c in table[2].strip("|").split("|")[1:])
+    assert score == accuracy[TRAIN_TECHNIQUES[0]] and 0.0 <= score <= 1.0 and hfrd_gt >= 0.0
 
 
 def test_round_trip_check_starts_from_the_renders_the_classifier_reads():
     torch.set_num_threads(1)
-    table = benchmark.base_check(1, strengths=(0.1,), techniques=("satin",), round_trip=True).splitlines()
+    technique = TRAIN_TECHNIQUES[0]
+    table = benchmark.base_check(1, strengths=(0.1,), techniques=(technique,), round_trip=True)[0].splitlines()
     assert table[0].startswith("| Technique | acc. of render | acc. @ 0.1 | HFRD(gt) @ 0.1 |")
     assert table[1].count("---:") == 3
     on_render, accuracy, hfrd_gt = (float(c) for c in table[2].strip("|").split("|")[1:])
@@ -60,10 +104,15 @@ def test_round_trip_check_starts_from_the_renders_the_classifier_reads():
     assert 0.0 <= accuracy <= 1.0
     # Starting from the render at strength 0.1 keeps it nearly as it is; from the flat design
     # (the ordinary check) the output is nowhere near the render.
-    from_design = benchmark.base_check(1, strengths=(0.1,), techniques=("satin",)).splitlines()[2]
+    from_design = benchmark.base_check(1, strengths=(0.1,), techniques=(technique,))[0].splitlines()[2]
     assert hfrd_gt < float(from_design.strip("|").split("|")[2])
 
 
 def test_round_trip_needs_base_check():
     with pytest.raises(SystemExit):
         benchmark.main(["--round-trip"])
+
+
+def test_an_unknown_technique_is_refused():
+    with pytest.raises(SystemExit):
+        benchmark.main(["--techniques", "satin horizontal fine"])  # a training technique, not held out

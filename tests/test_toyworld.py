@@ -5,15 +5,18 @@ import time
 import numpy as np
 import pytest
 
-from embroidery_core.metrics import content_iou, high_frequency_ratio
 from toyworld import generator as gen
 from toyworld import (
-    FILL_TECHNIQUES,
+    ATTRIBUTES,
+    DESIGN_COLOURS,
     HELD_OUT,
+    NEW_KIND_TECHNIQUES,
+    REFERENCE_COLOURS,
     TECHNIQUES,
     TRAIN_TECHNIQUES,
     TRIGGER,
     VOCAB,
+    attributes,
     detokenize,
     make_design,
     render_embroidery,
@@ -25,26 +28,12 @@ SEEDS = range(6)
 RENDER_BUDGET_S = 0.05  # one 128 px render
 
 
-def _luma(img):
-    return img @ np.array([0.299, 0.587, 0.114])
-
-
-def _coherence(img, labels):
-    """Area-weighted mean over regions of the gradient structure tensor's coherence (0..1)."""
-    gy, gx = np.gradient(_luma(img))
-    values, weights = [], []
-    for k in range(1, labels.max() + 1):
-        m = labels == k
-        jxx, jyy, jxy = (gx * gx)[m].sum(), (gy * gy)[m].sum(), (gx * gy)[m].sum()
-        values.append(np.hypot(jxx - jyy, 2 * jxy) / (jxx + jyy))
-        weights.append(m.sum())
-    return float(np.average(values, weights=weights))
-
-
-def _texture_stats(img, mask, labels):
-    """A small texture fingerprint: HFR at two cutoffs, coverage of the design, directionality."""
-    return np.array([high_frequency_ratio(img, 0.25), high_frequency_ratio(img, 0.5),
-                     mask.sum() / (labels > 0).sum(), _coherence(img, labels)])
+def _shade(technique, size=64):
+    """The renderer's shading alone (no colour, no per-stitch jitter), on the image grid."""
+    kind, direction, spacing = attributes(technique)
+    renderer, length = gen._RENDERERS[kind]
+    period = gen.SPACINGS[spacing] * size / gen.BASE_SIDE
+    return renderer(gen._cells((size, size), direction, period, length)).shade
 
 
 # --- designs ---------------------------------------------------------------------------------
@@ -85,7 +74,7 @@ def test_render_is_deterministic_and_seed_dependent():
         b, mb = render_embroidery(d, technique, 1)
         c, _ = render_embroidery(d, technique, 2)
         assert np.array_equal(a, b) and np.array_equal(ma, mb), technique
-        assert not np.array_equal(a, c), technique
+        assert not np.array_equal(a, c), technique  # the per-stitch and fibre variation
 
 
 def test_render_output_format():
@@ -97,9 +86,10 @@ def test_render_output_format():
         assert 0.0 <= img.min() and img.max() <= 1.0
 
 
-def test_unknown_technique_is_rejected():
-    with pytest.raises(ValueError, match="unknown technique 'applique'"):
-        render_embroidery(make_design(0), "applique", 0)
+@pytest.mark.parametrize("bad", ["applique", "knot diagonal fine", "knot vertical", "satin fine horizontal"])
+def test_unknown_technique_is_rejected(bad):
+    with pytest.raises(ValueError, match=f"unknown technique '{bad}'"):
+        render_embroidery(make_design(0), bad, 0)
 
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
@@ -115,81 +105,86 @@ def test_render_is_fast(technique):
 
 
 @pytest.mark.parametrize("size", [64, 128])
-def test_embroidery_has_more_high_frequency_than_design(size):
-    for seed in SEEDS:
+def test_embroidery_adds_texture_inside_every_region(size):
+    """The design is flat per region; every technique adds shading inside each region."""
+    for seed in SEEDS[:3]:
         d = make_design(seed, size)
-        flat = high_frequency_ratio(d.image)
         for technique in TECHNIQUES:
             img, _ = render_embroidery(d, technique, seed)
-            assert high_frequency_ratio(img) > flat, (seed, technique)
+            for k in range(1, d.labels.max() + 1):
+                region = d.labels == k
+                relative = img[region].mean(axis=-1) / max(d.region_rgb[k].mean(), 1e-3)
+                assert relative.std() > 0.08, (seed, technique, k)
 
 
 @pytest.mark.parametrize("size", [64, 128])
 def test_techniques_differ_from_each_other(size):
-    for seed in SEEDS:
+    for seed in SEEDS[:3]:
         d = make_design(seed, size)
-        renders = {t: render_embroidery(d, t, seed) for t in TECHNIQUES}
-        stats = {t: _texture_stats(img, mask, d.labels) for t, (img, mask) in renders.items()}
+        renders = {t: render_embroidery(d, t, seed)[0] for t in TECHNIQUES}
         for a, b in itertools.combinations(TECHNIQUES, 2):
-            pixels = np.abs(renders[a][0] - renders[b][0])[d.labels > 0].mean()
-            assert pixels > 0.05, (seed, a, b)
-            assert np.abs(stats[a] - stats[b]).max() > 0.005, (seed, a, b)
+            assert np.abs(renders[a] - renders[b])[d.labels > 0].mean() > 0.03, (seed, a, b)
 
 
-@pytest.mark.parametrize("size", [64, 128])
-def test_mask_follows_design(size):
+def test_every_kind_covers_the_design_exactly():
     for seed in SEEDS:
-        d = make_design(seed, size)
-        inside = d.labels > 0
+        d = make_design(seed)
         for technique in TECHNIQUES:
             _, mask = render_embroidery(d, technique, seed)
-            iou = content_iou(mask, inside)
-            if technique in FILL_TECHNIQUES:
-                assert iou > 0.7, (seed, technique, iou)
-            elif technique == "cross_stitch":  # snapped to a 4 px grid with fabric between X's
-                assert iou > 0.5, (seed, technique, iou)
-            else:  # running stitch: dashed outlines inside the shapes
-                assert not (mask & ~inside).any() and 0.05 < mask.sum() / inside.sum() < 0.7
+            np.testing.assert_array_equal(mask, d.labels > 0)
 
 
-def test_running_stitch_stays_on_outlines():
-    d = make_design(11, 128)
-    _, mask = render_embroidery(d, "running", 0)
-    interior = gen._region_distance(d.labels, 8, lower_only=True) > 6  # 6 px inside every edge
-    assert interior.any() and not (mask & interior).any()
+@pytest.mark.parametrize("technique", TECHNIQUES)
+def test_stitches_lie_on_the_fabric_grid(technique):
+    """A technique's shading repeats every two periods in both directions, aligned with the image
+    (so a 4 x 4 latent fold sees the same code at every position of a fine fill); fine and coarse
+    differ, and vertical is horizontal transposed."""
+    kind, direction, spacing = attributes(technique)
+    shade = _shade(technique)
+    step = 2 * gen.SPACINGS[spacing]
+    np.testing.assert_allclose(shade, np.roll(shade, step, axis=0))
+    np.testing.assert_allclose(shade, np.roll(shade, step, axis=1))
+    other = "coarse" if spacing == "fine" else "fine"
+    assert np.abs(shade - _shade(f"{kind} {direction} {other}")).mean() > 0.05
+    turned = "vertical" if direction == "horizontal" else "horizontal"
+    np.testing.assert_allclose(shade.T, _shade(f"{kind} {turned} {spacing}"))
 
 
-def test_satin_is_the_most_directional():
-    mean = {t: np.mean([_coherence(render_embroidery(make_design(s, 128), t, s)[0],
-                                   make_design(s, 128).labels) for s in SEEDS]) for t in TECHNIQUES}
-    assert max(mean, key=mean.get) == "satin", mean
-
-
-@pytest.mark.parametrize("technique", ["french_knot", "sequin"])
-def test_knots_and_sequins_have_specular_highlights(technique):
+def test_satin_and_knots_have_specular_highlights():
     d = make_design(1, 128)
-    img, mask = render_embroidery(d, technique, 0)
-    above = img - d.region_rgb[d.labels]
-    shiny = (above.min(axis=-1) > 0.15) & mask & (d.labels > 0)
-    assert shiny.mean() > 0.005
-
-
-def test_cross_stitch_repeats_on_its_grid():
-    d = make_design(12, 128)  # one large circle
-    _, mask = render_embroidery(d, "cross_stitch", 0)
-    cell = int(gen.CROSS_CELL * 128 / gen.BASE_SIDE)
-    core = gen._region_distance(d.labels, 3 * cell) > 2 * cell
-    same_on_grid = (mask[core] == np.roll(mask, -cell, axis=1)[core]).mean()
-    same_off_grid = (mask[core] == np.roll(mask, -cell // 2, axis=1)[core]).mean()
-    assert mask[core].mean() < 0.95  # fabric shows between the X's
-    assert same_on_grid > 0.95 and same_off_grid < 0.8
+    for technique in ("satin horizontal coarse", "knot horizontal coarse"):
+        img, mask = render_embroidery(d, technique, 0)
+        above = img - d.region_rgb[d.labels]
+        shiny = (above.min(axis=-1) > 0.1) & mask
+        assert shiny.mean() > 0.005, technique
 
 
 def test_technique_split():
-    assert set(HELD_OUT) == {"french_knot", "sequin", "chain"}
-    assert set(TRAIN_TECHNIQUES) | set(HELD_OUT) == set(TECHNIQUES)
-    assert not set(TRAIN_TECHNIQUES) & set(HELD_OUT)
-    assert len(TECHNIQUES) >= 7
+    assert set(TRAIN_TECHNIQUES) | set(HELD_OUT) | set(NEW_KIND_TECHNIQUES) == set(TECHNIQUES)
+    assert len(TRAIN_TECHNIQUES) + len(HELD_OUT) + len(NEW_KIND_TECHNIQUES) == len(TECHNIQUES) == 20
+    assert len(HELD_OUT) >= 3
+    seen = {word for t in TRAIN_TECHNIQUES for word in t.split()}
+    for technique in HELD_OUT:  # an unseen combination of words the base model knows
+        assert set(technique.split()) <= seen, technique
+    assert gen.NEW_KIND not in seen and all(t.split()[0] == gen.NEW_KIND for t in NEW_KIND_TECHNIQUES)
+
+
+def test_attributes_parse_a_technique():
+    assert attributes("knot vertical fine") == ("knot", "vertical", "fine")
+    assert TECHNIQUES == tuple(" ".join(a) for a in itertools.product(*ATTRIBUTES))
+
+
+def test_reference_colours_are_kept_out_of_new_designs():
+    assert not set(REFERENCE_COLOURS) & set(DESIGN_COLOURS)
+    assert set(REFERENCE_COLOURS) | set(DESIGN_COLOURS) == set(gen.PALETTE)
+    for seed in range(30):
+        for colours in (REFERENCE_COLOURS, DESIGN_COLOURS):
+            d = make_design(seed, colours=colours)
+            threads = {tuple(rgb) for rgb in d.region_rgb[1:]}
+            allowed = {tuple(np.float32(gen.PALETTE[c])) for c in colours}
+            assert threads <= allowed and len(threads) >= 2, (seed, colours)
+    with pytest.raises(ValueError, match="unknown thread colours"):
+        make_design(0, colours=("gold",))
 
 
 # --- words -----------------------------------------------------------------------------------
@@ -197,7 +192,7 @@ def test_technique_split():
 def test_tokenize_round_trip():
     text = f"a red circle blue star in {TRIGGER} style"
     ids = tokenize(text)
-    assert len(ids) == 8 and detokenize(ids) == text
+    assert len(ids) == gen.PROMPT_LENGTH and detokenize(ids) == text
     assert tokenize("a red heart", length=5)[3:] == [VOCAB.index("<pad>")] * 2
 
 
@@ -210,22 +205,23 @@ def test_tokenize_rejects_unknown_word_and_overflow():
     with pytest.raises(ValueError, match="'teapot'"):
         tokenize("a red teapot")
     with pytest.raises(ValueError, match="9 words but length is 8"):
-        tokenize("a red circle blue star in <trigger> style design")
+        tokenize("a red circle blue star in <trigger> style design", length=8)
 
 
 def test_vocab_covers_the_world():
-    for word in [*gen.PALETTE, *gen.SHAPES, *gen.LETTERS, *TECHNIQUES, "design", "embroidery"]:
+    for word in [*gen.PALETTE, *gen.SHAPES, *gen.LETTERS, *sum(ATTRIBUTES, ()), "design", "embroidery"]:
         assert word in VOCAB
     assert len(set(VOCAB)) == len(VOCAB)
 
 
 def test_sample_pair_prompts_fit_and_match():
     for seed in range(20):
-        pair = sample_pair(seed, "satin")
+        pair = sample_pair(seed, "satin horizontal fine")
         assert pair["design"].shape == pair["embroidery"].shape == (64, 64, 3)
         assert pair["embroidery_prompt"] == pair["design_prompt"] + f" in {TRIGGER} style"
         assert pair["design_prompt"].split()[1:] == pair["words"]
         tokenize(pair["embroidery_prompt"])  # fits the default length
-    pair = sample_pair(7, "sequin", size=32)
+        tokenize(pair["design_prompt"] + " in " + TECHNIQUES[-1] + " style")  # so does the longest technique
+    pair = sample_pair(7, "knot vertical fine", size=32)
     assert pair["mask"].shape == (32, 32)
 

@@ -1,16 +1,20 @@
 """A procedural toy world with ground truth: flat designs and their embroideries."""
 from .generator import (
+    ATTRIBUTES,
+    DESIGN_COLOURS,
     FABRICS,
-    FILL_TECHNIQUES,
     HELD_OUT,
     LETTERS,
+    NEW_KIND_TECHNIQUES,
     PALETTE,
+    REFERENCE_COLOURS,
     SHAPES,
     TECHNIQUES,
     TRAIN_TECHNIQUES,
     TRIGGER,
     VOCAB,
     Design,
+    attributes,
     detokenize,
     make_design,
     render_embroidery,
@@ -19,7 +23,7 @@ from .generator import (
 )
 
 __all__ = [
-    "FABRICS", "FILL_TECHNIQUES", "HELD_OUT", "LETTERS", "PALETTE", "SHAPES", "TECHNIQUES",
-    "TRAIN_TECHNIQUES", "TRIGGER", "VOCAB", "Design", "detokenize", "make_design",
-    "render_embroidery", "sample_pair", "tokenize",
+    "ATTRIBUTES", "DESIGN_COLOURS", "FABRICS", "HELD_OUT", "LETTERS", "NEW_KIND_TECHNIQUES", "PALETTE",
+    "REFERENCE_COLOURS", "SHAPES", "TECHNIQUES", "TRAIN_TECHNIQUES", "TRIGGER", "VOCAB", "Design",
+    "attributes", "detokenize", "make_design", "render_embroidery", "sample_pair", "tokenize",
 ]

@@ -9,15 +9,17 @@ import argparse
 import logging
 import sys
 
+from .generator import HELD_OUT
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m toyworld", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="one-shot EmoLoRA on the toy model, CPU (under 3 min; --quick about 10 s)")
+    demo = commands.add_parser("demo", help="one-shot EmoLoRA on the toy model, CPU (under 5 min; --quick about 15 s)")
     demo.add_argument("--out", default="./embroidery_demo", help="folder for contact_sheet.png and metrics.json")
     demo.add_argument("--quick", action="store_true", help="a few iterations only (CI smoke run)")
-    demo.add_argument("--technique", default="french_knot",
-                      help="held-out technique of the reference: french_knot, sequin or chain")
+    demo.add_argument("--technique", default=HELD_OUT[0],
+                      help="held-out technique of the reference, in quotes: " + ", ".join(f"'{t}'" for t in HELD_OUT))
     demo.add_argument("--threads", type=int, default=1,
                       help="torch CPU threads (0 = torch's default); the toy model is too small to gain from more")
     args = parser.parse_args(argv)

@@ -1,27 +1,33 @@
 """One-shot fidelity benchmark in the toy world: EmoLoRA against its ablation and two baselines.
 
     python -m toyworld.benchmark [--refs K] [--designs M] [--seeds S] [--doc docs/FIDELITY.md]
+    python -m toyworld.benchmark --base-check [--gate-designs M]
 
-For each held-out technique (never seen by the base model), K references (renders of unseen
-designs) x S seeds, every method learns the style from the one reference and turns the same M
-new designs into embroideries (img2img from the design, prompt "a <subject> in <trigger> style",
-identical for every method). Methods:
+First the base-model gate (``gate``): no LoRA, every training technique and every held-out
+combination prompted by its own attribute words, img2img from the benchmark's new designs at its
+strength; it passes when the classifier reads >= GATE_TRAIN on every training technique and
+>= GATE_HELD_OUT on every held-out one. Its verdict is printed with the table.
 
-- ``emolora``: stage 1 + stage 2, inference with the four style blocks (ToyRunConfig defaults).
+Then, for each held-out technique (an unseen combination of known attributes, HELD_OUT) and the
+new kind's hard case (NEW_KIND_CASE, reported separately), K references (renders of unseen
+designs in the reference-only colours) x S seeds: every method learns the style from the one
+reference and turns the same M new designs (never in those colours) into embroideries
+(img2img from the design, prompt "a <subject> in <trigger> style", identical for every method).
+Methods:
+
+- ``emolora``: style blocks chosen by EmoLoRA's block metric on the base and the pair, stage 1 +
+  stage 2, inference with those style blocks (ToyRunConfig defaults).
 - ``emolora_stage1``: the same run's stage-1 LoRA (the "no stage 2" ablation).
-- ``blora``: B-LoRA, the toy analogues of output_blocks.0.1 + 1.1 trained jointly on the reference
-  with one prompt for as many iterations as EmoLoRA's two stages; inference with its style
-  block (output_blocks.1.1), as B-LoRA stylises.
+- ``blora``: B-LoRA, output_blocks.0.1 (content) + 1.1 (style) in SDXL's names, trained jointly on
+  the reference with one prompt for as many iterations as EmoLoRA's two stages; inference with
+  its style block, as B-LoRA stylises.
 - ``full_lora``: one LoRA on every attention block, one prompt, same iterations (DreamBooth-LoRA).
 - ``no_lora``: the base model with the untrained trigger word.
 - ``ground_truth``: the generator's own render of each new design in the technique (a ceiling).
 
-Metrics (embroidery_core.metrics, toy ground truth; see demo.evaluate): HFRD to the reference
-(lower is better), Hist(ref) similarity (higher), Hist(design) distance to the new design (lower),
-content IoU of the stitched pixels with the new design's motif mask (higher), technique accuracy
-by the classifier (higher), and against the ground-truth render of each new design HFRD(gt)
-(lower) and Hist(gt) (higher). Each run's value is the mean over its M designs; tables give mean
-and standard deviation over runs.
+Metrics: see demo.evaluate. Each run's value is the mean over its M designs; tables give the
+mean, the standard deviation and a bootstrap 95 % interval of the mean over runs, and EmoLoRA's
+paired differences to every other method (same technique, reference and seed).
 """
 from __future__ import annotations
 
@@ -37,7 +43,6 @@ import time
 import numpy as np
 import torch
 
-from embroidery_core import metrics
 from embroidery_core.adapters import AdapterSet, installed, linear_targets
 from embroidery_core.files import write_text
 from embroidery_core.lora_file import StyleLoRA
@@ -45,21 +50,32 @@ from embroidery_core.pair import embroidery_prompt
 from embroidery_core.provenance import git_commit
 from embroidery_core.trainer import PairLatents, Trainer, single_prompt_iteration
 from . import demo
-from .classifier import load_classifier, technique_accuracy
+from .classifier import load_classifier, predict
 from .demo import ARCH, METRIC_KEYS, STAGE2_SUBJECTS, ToyRunConfig
-from .generator import HELD_OUT, TECHNIQUES
+from .generator import HELD_OUT, NEW_KIND_TECHNIQUES, TECHNIQUES, TRAIN_TECHNIQUES
 from .model import load_toy_model, toy_denoiser
 from .sample import generate
 
 BENCH_REFERENCE_SEED = 4_000_000  # + 1000 x technique index + reference index
 BENCH_DESIGN_SEED = 4_500_000
+NEW_KIND_CASE = NEW_KIND_TECHNIQUES[0]  # "chain horizontal fine"
+BENCH_TECHNIQUES = HELD_OUT + (NEW_KIND_CASE,)
 METHODS = ("emolora", "emolora_stage1", "blora", "full_lora", "no_lora", "ground_truth")
 LABELS = {"emolora": "EmoLoRA (stage 1 + 2)", "emolora_stage1": "EmoLoRA, no stage 2",
           "blora": "B-LoRA (out 0.1 + 1.1)", "full_lora": "Full LoRA (all attention)", "no_lora": "No LoRA",
           "ground_truth": "Ground-truth render"}
-COLUMNS = (("hfrd", "HFRD ↓"), ("hist_ref", "Hist(ref) ↑"), ("hist_design", "Hist(design) ↓"),
-           ("content_iou", "IoU ↑"), ("technique_accuracy", "Technique acc. ↑"), ("hfrd_gt", "HFRD(gt) ↓"),
-           ("hist_gt", "Hist(gt) ↑"))
+COLUMNS = (("technique_accuracy", "Technique acc. ↑"), ("attribute_accuracy", "Attribute acc. ↑"),
+           ("hfrd_gt", "HFRD(gt) ↓"), ("hist_gt", "Hist(gt) ↓"), ("palette_leak", "Ref. colour leak % ↓"),
+           ("content_iou", "IoU ↑"), ("hist_design", "Hist(design) ↓"), ("hfrd", "HFRD(ref) ↓"),
+           ("hist_ref", "Hist(ref) ↑"))
+TWO_DIGITS = ("technique_accuracy", "attribute_accuracy", "content_iou")
+# Hist(ref) is a distance to the reference's colours, higher is better as in the paper (less of
+# the reference's palette copied); every other distance is lower-is-better.
+HIGHER_IS_BETTER = {"technique_accuracy", "attribute_accuracy", "content_iou", "hist_ref"}
+GATE_STRENGTH = ToyRunConfig().strength
+GATE_DESIGNS = 12
+GATE_TRAIN, GATE_HELD_OUT = 0.9, 0.7
+BOOTSTRAP_SAMPLES = 2000
 ROUND_TRIP_STRENGTHS = (0.1, 0.2, 0.45)  # --base-check --round-trip: little, some and much of the render kept
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 log = logging.getLogger("toyworld.benchmark")
@@ -85,10 +101,10 @@ def train_single_prompt(unet, pair: PairLatents, blocks: list[str], iterations: 
 # --- one run ---------------------------------------------------------------------------------
 
 def run_one(unet, encoder, classifier, technique: str, reference_seed: int, seed: int,
-            targets: list[demo.Example], config: ToyRunConfig) -> dict[str, dict[str, float]]:
+            targets: list[demo.Example], config: ToyRunConfig) -> dict:
     """Every method on one reference with one seed; metrics per method (means over the designs)."""
     config = ToyRunConfig(**{**config.__dict__, "seed": seed})
-    reference = demo.make_example(technique, reference_seed)
+    reference = demo.make_reference(technique, reference_seed)
     pair = demo.pair_latents(encoder, reference.design, reference.embroidery, reference.subject)
     designs = torch.cat([t.design for t in targets])
     subjects = [t.subject for t in targets]
@@ -102,8 +118,8 @@ def run_one(unet, encoder, classifier, technique: str, reference_seed: int, seed
         times[name] = times.get(name, 0.0) + time.monotonic() - tick
         return result
 
-    stage1 = timed("emolora", lambda: demo.train_stage1(unet, pair, config))
-    style = stage1.style_blocks
+    style = timed("emolora", lambda: demo.find_style_blocks(unet, pair, seed=seed))
+    stage1 = timed("emolora", lambda: demo.train_stage1(unet, pair, config, style))
     outputs["emolora_stage1"] = demo.stylize(unet, encoder, designs, subjects, config, stage1, style, seed)
     _, _, generated = timed("emolora", lambda: demo.generate_pairs(unet, encoder, stage1, STAGE2_SUBJECTS, config))
     stage2 = timed("emolora", lambda: demo.train_stage2(unet, pair, stage1, generated, config))
@@ -117,18 +133,20 @@ def run_one(unet, encoder, classifier, technique: str, reference_seed: int, seed
     outputs["no_lora"] = demo.stylize(unet, encoder, designs, subjects, config, None, None, seed)
     outputs["ground_truth"] = torch.cat([t.embroidery for t in targets])
     result = {m: demo.evaluate(outputs[m], reference, targets, classifier) for m in METHODS}
+    result["style_blocks"] = style
     result["train_seconds"] = {k: round(v, 1) for k, v in times.items()}
     return result
 
 
-def run(refs: int, designs: int, seeds: int, techniques=HELD_OUT, config: ToyRunConfig | None = None,
-        weights: str | None = None):
+def run(refs: int, designs: int, seeds: int, techniques=BENCH_TECHNIQUES, config: ToyRunConfig | None = None,
+        weights: str | None = None, classifier_weights: str | None = None) -> list[dict]:
     """Every (technique, reference, seed) run; a list of dicts with the metrics per method."""
     config = config or ToyRunConfig()
     unet, encoder = load_toy_model(weights)
-    classifier = load_classifier()
+    classifier = load_classifier(classifier_weights)
     runs = []
-    for t_index, technique in enumerate(techniques):
+    for technique in techniques:
+        t_index = TECHNIQUES.index(technique)
         targets = demo.new_designs(designs, technique, BENCH_DESIGN_SEED)
         for k in range(refs):
             for seed in range(seeds):
@@ -137,81 +155,161 @@ def run(refs: int, designs: int, seeds: int, techniques=HELD_OUT, config: ToyRun
                                  seed, targets, config)
                 runs.append({"technique": technique, "reference": k, "seed": seed, **result})
                 log.info("%s ref %d seed %d in %.0f s: %s", technique, k, seed, time.monotonic() - tick,
-                         "; ".join(f"{m} hfrd {result[m]['hfrd']:.2f} hist_ref {result[m]['hist_ref']:.1f}"
-                                   for m in ("emolora", "blora", "full_lora")))
+                         "; ".join(f"{m} acc {result[m]['technique_accuracy']:.2f} leak {result[m]['palette_leak']:.1f}"
+                                   for m in ("emolora", "emolora_stage1", "blora", "full_lora", "no_lora")))
     return runs
 
 
-# --- the base model's own ceiling -----------------------------------------------------------
+# --- the base model's own ceiling, and the gate ----------------------------------------------
 
-def base_check(designs: int, strengths=(0.6, 0.9), techniques=TECHNIQUES, weights: str | None = None,
-               round_trip: bool = False) -> str:
-    """How well the base model draws each technique by its own word, no LoRA, same protocol
+def base_check(designs: int = GATE_DESIGNS, strengths=(GATE_STRENGTH,), techniques=TRAIN_TECHNIQUES + HELD_OUT,
+               weights: str | None = None, round_trip: bool = False, classifier_weights: str | None = None
+               ) -> tuple[str, dict[str, float]]:
+    """How well the base model draws each technique by its own words, no LoRA, same protocol
     (img2img from the benchmark's new designs, "a <subject> in <technique> style"). For the
-    training techniques this is the ceiling a one-shot LoRA builds on. A markdown table of
-    technique accuracy and HFRD(gt), one row per technique, one column pair per strength.
+    training techniques this is the ceiling a one-shot LoRA builds on; for the held-out
+    combinations it is the prior a LoRA only has to bind the trigger word to. Returns a markdown
+    table (technique accuracy and HFRD(gt), one row per technique, one column pair per strength)
+    and the accuracy per technique at the first strength.
 
     ``round_trip``: start from the ground-truth renders of those designs instead, so the model
     only has to keep stitches it is shown, and add a first column with the classifier's accuracy
     on the renders themselves. It tells a base model that loses textures apart from a classifier
     that cannot read them."""
+    from embroidery_core import metrics
+
     unet, encoder = load_toy_model(weights)
-    classifier = load_classifier()
+    classifier = load_classifier(classifier_weights)
     config = ToyRunConfig()
     header = "| Technique | " + ("acc. of render | " if round_trip else "") \
         + " | ".join(f"acc. @ {s} | HFRD(gt) @ {s}" for s in strengths) + " |"
     lines = [header, "|---|" + ("---:|" if round_trip else "") + "---:|---:|" * len(strengths)]
+    accuracy = {}
     for technique in techniques:
         targets = demo.new_designs(designs, technique, BENCH_DESIGN_SEED)
         renders = torch.cat([t.embroidery for t in targets])
         start = renders if round_trip else torch.cat([t.design for t in targets])
         prompts = [embroidery_prompt(t.subject, technique) for t in targets]
-        cells = [f"{technique_accuracy(classifier, renders.numpy(), technique):.2f}"] if round_trip else []
+        cells = [f"{_accuracy(classifier, renders.numpy(), technique):.2f}"] if round_trip else []
         for strength in strengths:
             out = generate(unet, encoder, prompts, config.sample_steps, config.cfg, 0, init_images=start,
                            strength=strength).numpy()
             hfrd_gt = np.mean([metrics.hfrd(o, t.embroidery[0].numpy()) for o, t in zip(out, targets)])
-            cells += [f"{technique_accuracy(classifier, out, technique):.2f}", f"{hfrd_gt:.1f}"]
-        held = " (held out)" if technique in HELD_OUT else ""
-        lines.append(f"| `{technique}`{held} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            accuracy.setdefault(technique, _accuracy(classifier, out, technique))
+            cells += [f"{_accuracy(classifier, out, technique):.2f}", f"{hfrd_gt:.1f}"]
+        lines.append(f"| `{technique}`{_role(technique)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), accuracy
+
+
+def _accuracy(classifier, images, technique: str) -> float:
+    return float(np.mean([p == technique for p in predict(classifier, images)]))
+
+
+def _role(technique: str) -> str:
+    return " (held out)" if technique in HELD_OUT else " (new kind)" if technique in NEW_KIND_TECHNIQUES else ""
+
+
+def gate_verdict(accuracy: dict[str, float]) -> tuple[bool, str]:
+    """The gate on base_check's accuracies: every training technique >= GATE_TRAIN, every
+    held-out combination >= GATE_HELD_OUT (techniques not measured fail it)."""
+    train = [accuracy.get(t, 0.0) for t in TRAIN_TECHNIQUES]
+    held = [accuracy.get(t, 0.0) for t in HELD_OUT]
+    passed = min(train) >= GATE_TRAIN and min(held) >= GATE_HELD_OUT
+    return passed, (f"Base-model gate {'PASSED' if passed else 'FAILED'}: lowest accuracy {min(train):.2f} over the "
+                    f"{len(train)} training techniques (needs >= {GATE_TRAIN}), {min(held):.2f} over the "
+                    f"{len(held)} held-out combinations named by their words (needs >= {GATE_HELD_OUT}); "
+                    f"img2img from {GATE_DESIGNS} new designs at strength {GATE_STRENGTH}, no LoRA.")
 
 
 # --- report ----------------------------------------------------------------------------------
 
-def summarise(runs: list[dict], methods=METHODS) -> dict[str, dict[str, tuple[float, float]]]:
-    """Per method and metric: (mean, standard deviation) over runs."""
-    return {m: {k: (float(np.mean([r[m][k] for r in runs])), float(np.std([r[m][k] for r in runs])))
-                for k in METRIC_KEYS} for m in methods}
+def bootstrap_interval(values, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """Percentile 95 % interval of the mean of ``values`` over ``samples`` resamplings (seeded)."""
+    values = np.asarray(values, np.float64)
+    if len(values) < 2:
+        return float(values.mean()), float(values.mean())
+    draws = np.random.default_rng(seed).integers(0, len(values), (samples, len(values)))
+    means = values[draws].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summarise(runs: list[dict], methods=METHODS) -> dict[str, dict[str, tuple[float, float, float, float]]]:
+    """Per method and metric: (mean, standard deviation, 95 % interval low, high) over runs."""
+    out = {}
+    for m in methods:
+        out[m] = {}
+        for k in METRIC_KEYS:
+            values = [r[m][k] for r in runs]
+            out[m][k] = (float(np.mean(values)), float(np.std(values)), *bootstrap_interval(values))
+    return out
+
+
+def paired(runs: list[dict], against=METHODS[1:-1], method: str = "emolora") -> dict[str, dict[str, tuple]]:
+    """Per other method and metric: EmoLoRA minus it, run by run (same technique, reference and
+    seed): (mean difference, 95 % interval low, high, share of runs where EmoLoRA is better)."""
+    better_high = HIGHER_IS_BETTER
+    out = {}
+    for other in against:
+        out[other] = {}
+        for k in METRIC_KEYS:
+            diff = np.array([r[method][k] - r[other][k] for r in runs])
+            wins = diff > 0 if k in better_high else diff < 0
+            out[other][k] = (float(diff.mean()), *bootstrap_interval(diff), float(wins.mean()))
+    return out
+
+
+def _digits(key: str) -> int:
+    return 2 if key in TWO_DIGITS else 1
 
 
 def markdown_table(summary: dict) -> str:
-    lines = ["| Method | " + " | ".join(c for _, c in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
+    lines = ["| Method | " + " | ".join(c for _, c in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for method, values in summary.items():
         cells = []
         for key, _ in COLUMNS:
-            mean, std = values[key]
-            digits = 2 if key in ("content_iou", "technique_accuracy") else 1
-            cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}")
+            mean, std, low, high = values[key]
+            d = _digits(key)
+            cells.append(f"{mean:.{d}f} ± {std:.{d}f} [{low:.{d}f}, {high:.{d}f}]")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def results_block(runs: list[dict], args, minutes: float) -> str:
-    techniques = sorted({r["technique"] for r in runs}, key=HELD_OUT.index)
+def paired_table(comparison: dict) -> str:
+    lines = ["| EmoLoRA minus | " + " | ".join(c for _, c in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for other, values in comparison.items():
+        cells = []
+        for key, _ in COLUMNS:
+            mean, low, high, wins = values[key]
+            d = _digits(key)
+            cells.append(f"{mean:+.{d}f} [{low:+.{d}f}, {high:+.{d}f}] ({100 * wins:.0f} %)")
+        lines.append(f"| {LABELS[other]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def results_block(runs: list[dict], args, minutes: float, gate_table: str, gate_line: str) -> str:
+    main_runs = [r for r in runs if r["technique"] in HELD_OUT]
+    techniques = [t for t in BENCH_TECHNIQUES if any(r["technique"] == t for r in runs)]
+    command = (f"python -m toyworld.benchmark --refs {args.refs} --designs {args.designs} --seeds {args.seeds}"
+               + (f" --techniques '{args.techniques}'" if args.techniques != ",".join(BENCH_TECHNIQUES) else "")
+               + (" --quick" if args.quick else "") + (f" --weights {args.weights}" if args.weights else ""))
     parts = [RESULTS_START, "",
-             f"- Command: `python -m toyworld.benchmark --refs {args.refs} --designs {args.designs} "
-             f"--seeds {args.seeds}" + (f" --weights {args.weights}" if args.weights else "") + "`",
-             f"- Date: {datetime.date.today().isoformat()}; commit: `{git_commit()['commit'] or 'unknown'}` (plus the working tree of this "
-             "change); torch " + torch.__version__ + f"; {platform.machine()} CPU, {torch.get_num_threads()} thread(s).",
-             f"- Size: {len(techniques)} held-out techniques x {args.refs} reference(s) x {args.seeds} seed(s) = "
+             f"- Command: `{command}`",
+             f"- Date: {datetime.date.today().isoformat()}; commit: `{git_commit()['commit'] or 'unknown'}` (plus the "
+             "working tree of this change); torch " + torch.__version__
+             + f"; {platform.machine()} CPU, {torch.get_num_threads()} thread(s).",
+             f"- Size: {len(techniques)} technique(s) x {args.refs} reference(s) x {args.seeds} seed(s) = "
              f"{len(runs)} runs, each turning the same {args.designs} new designs; wall clock {minutes:.1f} min.",
-             "", "All held-out techniques, mean ± standard deviation over runs:", "",
-             markdown_table(summarise(runs))]
+             f"- {gate_line}", "", gate_table, "",
+             "Cells: mean ± standard deviation over runs [bootstrap 95 % interval of the mean]."]
+    if main_runs:
+        parts += ["", f"Held-out combinations of known attributes ({len(main_runs)} runs):", "",
+                  markdown_table(summarise(main_runs)), "",
+                  "EmoLoRA's paired differences over the same runs, mean [95 % interval] (share of runs where "
+                  "EmoLoRA is better):", "", paired_table(paired(main_runs))]
     for technique in techniques:
         subset = [r for r in runs if r["technique"] == technique]
-        parts += ["", f"`{technique}` only ({len(subset)} runs):", "", markdown_table(summarise(subset))]
+        label = "the new kind, the hard case" if technique not in HELD_OUT else "held out"
+        parts += ["", f"`{technique}` only ({label}, {len(subset)} runs):", "", markdown_table(summarise(subset))]
     parts += ["", RESULTS_END]
     return "\n".join(parts)
 
@@ -228,17 +326,21 @@ def write_doc(path: str, block: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--refs", type=int, default=1, help="references per held-out technique (K)")
+    parser.add_argument("--refs", type=int, default=2, help="references per technique (K)")
     parser.add_argument("--designs", type=int, default=6, help="new designs per run (M)")
     parser.add_argument("--seeds", type=int, default=2, help="training/sampling seeds per reference")
-    parser.add_argument("--techniques", default=",".join(HELD_OUT), help="comma-separated held-out techniques")
+    parser.add_argument("--techniques", default=",".join(BENCH_TECHNIQUES),
+                        help="comma-separated techniques: held-out combinations and/or the new kind's")
     parser.add_argument("--doc", default=None, help="markdown file whose results block is rewritten")
     parser.add_argument("--json", default=None, help="write every run's numbers here")
+    parser.add_argument("--gate-designs", type=int, default=GATE_DESIGNS,
+                        help="new designs per technique in the gate / --base-check (%(default)s)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--weights", default=None, help="another toy base model file (default: the shipped one)")
+    parser.add_argument("--classifier", default=None, help="another technique classifier file")
     parser.add_argument("--quick", action="store_true", help="the demo's smoke-run iterations (checks the script only)")
     parser.add_argument("--base-check", action="store_true",
-                        help="only print how well the base model draws every technique by its own word (no LoRA)")
+                        help="only print the gate: how well the base model draws every technique by its own words")
     parser.add_argument("--round-trip", action="store_true",
                         help="with --base-check: start from the ground-truth renders at low strengths, to see "
                              "whether the base model keeps stitches it is shown")
@@ -246,23 +348,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
     techniques = tuple(t.strip() for t in args.techniques.split(",") if t.strip())
-    unknown = [t for t in techniques if t not in HELD_OUT]
+    unknown = [t for t in techniques if t not in HELD_OUT + NEW_KIND_TECHNIQUES]
     if unknown:
-        parser.error(f"not held-out techniques: {unknown}; choose from {HELD_OUT}")
+        parser.error(f"not held-out techniques: {unknown}; choose from {HELD_OUT + NEW_KIND_TECHNIQUES}")
     if args.round_trip and not args.base_check:
         parser.error("--round-trip only applies to --base-check")
+    gate_designs = min(args.gate_designs, 2) if args.quick else args.gate_designs
     if args.base_check:
-        strengths = ROUND_TRIP_STRENGTHS if args.round_trip else (0.6, 0.9)
-        print(base_check(args.designs, strengths, weights=args.weights, round_trip=args.round_trip))
+        strengths = ROUND_TRIP_STRENGTHS if args.round_trip else (GATE_STRENGTH, 0.9)
+        table, accuracy = base_check(gate_designs, strengths, TRAIN_TECHNIQUES + HELD_OUT + NEW_KIND_TECHNIQUES,
+                                     args.weights, args.round_trip, args.classifier)
+        print(table)
+        if not args.round_trip:
+            print("\n" + gate_verdict(accuracy)[1])
         return 0
     start = time.monotonic()
+    gate_table, accuracy = base_check(gate_designs, (GATE_STRENGTH,), TRAIN_TECHNIQUES + HELD_OUT,
+                                      args.weights, classifier_weights=args.classifier)
+    passed, gate_line = gate_verdict(accuracy)
+    log.info(gate_line)
     runs = run(args.refs, args.designs, args.seeds, techniques, ToyRunConfig(**(demo.QUICK if args.quick else {})),
-               args.weights)
+               args.weights, args.classifier)
     minutes = (time.monotonic() - start) / 60
-    block = results_block(runs, args, minutes)
+    block = results_block(runs, args, minutes, gate_table, gate_line)
     print(block)
     if args.json:
-        write_text(args.json, json.dumps({"args": vars(args), "minutes": minutes, "runs": runs}, indent=1))
+        write_text(args.json, json.dumps({"args": vars(args), "minutes": minutes, "gate_passed": passed,
+                                          "gate": accuracy, "runs": runs}, indent=1))
     if args.doc:
         write_doc(args.doc, block)
     return 0

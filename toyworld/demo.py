@@ -1,20 +1,24 @@
 """EmoLoRA end to end in the toy world: one reference in a held-out technique -> new designs in its style.
 
-    python -m toyworld demo [--out ./embroidery_demo] [--quick] [--technique french_knot]
+    python -m toyworld demo [--out ./embroidery_demo] [--quick] [--technique "knot vertical fine"]
 
 The steps are the ones the ComfyUI nodes run, on the toy base model instead of SDXL:
 
-1. The analogy pair: an embedded reference (a render of a toy design in a technique the base
-   model never saw) and its flat design, with the prompts "a <subject>" and
-   "a <subject> in <trigger> style" (the trigger takes VOCAB's trigger slot).
-2. Stage 1: ``trainer.train_emolora`` (adapters on every attention projection, EmoLoRA's four
-   style blocks, the ``Trainer`` and ``run_stage1``) on the plain torch UNet.
-3. Stage 2: complementary pairs sampled with the whole stage-1 LoRA (DDIM), flattened to designs
+1. The analogy pair: a reference (a render of a toy design, in the reference-only colours, in
+   a technique combination the base model never saw) and its flat design, with the prompts
+   "a <subject>" and "a <subject> in <trigger> style" (the trigger takes VOCAB's trigger slot).
+2. Style blocks: EmoLoRA's block metric (``block_metric``, what Find Style Blocks runs) on the
+   base model and this pair; the four most stitch-sensitive attention blocks.
+3. Stage 1: ``trainer.train_emolora`` (adapters on every attention projection, those style
+   blocks, the ``Trainer`` and ``run_stage1``) on the plain torch UNet.
+4. Stage 2: complementary pairs sampled with the whole stage-1 LoRA (DDIM), flattened to designs
    with ``images.flatten_design``; ``AdapterSet.from_style_lora`` resumes the exported stage-1
    LoRA, as EmbroideryTrainStage2 does, and ``run_stage2`` trains on the reference pair plus one
    generated pair per iteration.
-4. Inference loads only the style blocks of the LoRA and turns new designs into embroideries
-   (img2img from the design, the toy stand-in for the paper's ControlNet img2img).
+5. Inference loads only the style blocks of the LoRA and turns new designs (never in the
+   reference's colours) into embroideries (img2img from the design, the toy stand-in for the
+   paper's ControlNet img2img); the contact sheet sets them beside the base model, the whole
+   LoRA (every block: content leaks) and the ground truth.
 
 Writes ``contact_sheet.png`` and ``metrics.json`` into ``--out``.
 """
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from embroidery_core import metrics
+from embroidery_core import block_metric, metrics
 from embroidery_core.adapters import AdapterSet, installed
 from embroidery_core.files import atomic_path, write_text
 from embroidery_core.images import flatten_design, to_pil
@@ -40,7 +44,7 @@ from embroidery_core.lora_file import StyleLoRA
 from embroidery_core.pair import design_prompt, embroidery_prompt
 from embroidery_core.trainer import (EmoLoRAConfig, PairLatents, Trainer, export, resume_point, run_stage2,
                        train_emolora)
-from .generator import HELD_OUT, TRIGGER, sample_pair
+from .generator import DESIGN_COLOURS, HELD_OUT, PALETTE, REFERENCE_COLOURS, TRIGGER, sample_pair
 from .model import load_toy_model, to_latent, toy_denoiser
 from .sample import generate
 
@@ -51,7 +55,11 @@ REFERENCE_SEED = 3_000_000  # design seeds above train_base.TRAIN_DESIGN_SEEDS: 
 NEW_DESIGN_SEED = 3_100_000
 STAGE2_SUBJECTS = ("red circle", "blue star", "yellow heart")  # toy analogue of the official 3 prompts
 FLATTEN_COLOURS = 5  # a toy design has a fabric and at most 4 thread colours
-METRIC_KEYS = ("hfrd", "hist_ref", "hist_design", "content_iou", "technique_accuracy", "hfrd_gt", "hist_gt")
+METRIC_KEYS = ("technique_accuracy", "attribute_accuracy", "hfrd_gt", "hist_gt", "palette_leak", "content_iou",
+               "hist_design", "hfrd", "hist_ref")
+CLASSIFIER_KEYS = ("technique_accuracy", "attribute_accuracy")
+STYLE_BLOCK_COUNT = 4  # EmoLoRA's four style blocks, chosen by the block metric on the toy base
+LEAK_SHADES = np.linspace(0.5, 1.3, 9)  # shades a thread colour is matched at (palette_leak)
 
 
 @dataclass
@@ -97,13 +105,23 @@ class Example:
     fabric_rgb: np.ndarray
     subject: str  # "red circle blue star"
     technique: str
+    thread_colours: tuple[str, ...]  # every thread colour of the design, accents included
 
 
-def make_example(technique: str, design_seed: int) -> Example:
-    pair = sample_pair(design_seed, technique)
+def make_example(technique: str, design_seed: int, colours: tuple[str, ...] | None = None) -> Example:
+    """``colours`` limits the design's thread colours: REFERENCE_COLOURS for a reference,
+    DESIGN_COLOURS for the new designs it is applied to."""
+    pair = sample_pair(design_seed, technique, colours=colours)
     image = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None]
+    regions = np.unique(pair["labels"][pair["labels"] > 0])
+    region_rgb = {tuple(np.round(pair["design"][pair["labels"] == k][0], 4)) for k in regions}
+    names = tuple(n for n, rgb in PALETTE.items() if tuple(np.round(np.float32(rgb), 4)) in region_rgb)
     return Example(image(pair["design"]), image(pair["embroidery"]), pair["labels"] > 0, pair["fabric_rgb"],
-                   " ".join(pair["words"]), technique)
+                   " ".join(pair["words"]), technique, names)
+
+
+def make_reference(technique: str, design_seed: int) -> Example:
+    return make_example(technique, design_seed, REFERENCE_COLOURS)
 
 
 def style_prompt(subject: str) -> str:
@@ -142,11 +160,26 @@ def stylize(unet, encoder, designs: torch.Tensor, subjects: list[str], config: T
 
 # --- the two stages --------------------------------------------------------------------------
 
-def train_stage1(unet, pair: PairLatents, config: ToyRunConfig, on_step=None) -> StyleLoRA:
-    """Stage 1 on all attention layers with EmoLoRA's style blocks (the core's train_emolora,
-    which runs the Trainer and stage functions EmbroideryTrainStage1 runs)."""
+def find_style_blocks(unet, pair: PairLatents, count: int = STYLE_BLOCK_COUNT, seed: int = 0) -> list[str]:
+    """The ``count`` most stitch-sensitive attention blocks of the base model for this pair:
+    EmoLoRA's block metric, as Find Style Blocks runs it (both images noised with the same noise,
+    the design prompt, block_metric.DEFAULT_TIMESTEPS noise levels)."""
     arch = unet.cfg.arch(ARCH)
-    lora, _ = train_emolora(toy_denoiser(unet), unet, pair, arch.preset("emolora_style"), arch, config.emolora(),
+    denoiser = toy_denoiser(unet)
+    recorder = block_metric.FeatureRecorder(arch.attention_modules())
+    noise = torch.randn(pair.design.shape, generator=torch.Generator().manual_seed(seed))
+    with installed(unet, recorder), torch.no_grad():
+        similarity = block_metric.measure(lambda x_t, sigma: denoiser(x_t, sigma, pair.design_cond), recorder,
+                                          pair.design, pair.embroidery, block_metric.evenly_spaced(denoiser.sigmas),
+                                          noise, denoiser.prediction)
+    return [b for b, _ in block_metric.rank_blocks(similarity)[:count]]
+
+
+def train_stage1(unet, pair: PairLatents, config: ToyRunConfig, style_blocks: list[str], on_step=None) -> StyleLoRA:
+    """Stage 1 on all attention layers with ``style_blocks`` as EmoLoRA's style blocks (the
+    core's train_emolora, which runs the Trainer and stage functions EmbroideryTrainStage1 runs)."""
+    arch = unet.cfg.arch(ARCH)
+    lora, _ = train_emolora(toy_denoiser(unet), unet, pair, style_blocks, arch, config.emolora(),
                             on_step=on_step, metadata={"embroidery.trigger": TRIGGER})
     return lora
 
@@ -177,38 +210,57 @@ def train_stage2(unet, pair: PairLatents, stage1: StyleLoRA, generated: list[Pai
 # --- evaluation ------------------------------------------------------------------------------
 
 def new_designs(count: int, technique: str, start: int = NEW_DESIGN_SEED) -> list[Example]:
-    return [make_example(technique, start + i) for i in range(count)]
+    """``count`` new designs, never in the reference-only colours, with their ground truth."""
+    return [make_example(technique, start + i, DESIGN_COLOURS) for i in range(count)]
+
+
+def palette_leak(image: np.ndarray, mask: np.ndarray, leaked: tuple[str, ...]) -> float:
+    """Share (0..1) of the ``mask`` pixels whose nearest thread colour, at any of LEAK_SHADES,
+    is one of ``leaked`` (colours only the reference has). 0 when the mask is empty."""
+    pixels = np.asarray(image, np.float64)[mask]
+    if not len(pixels) or not leaked:
+        return 0.0
+    names = list(PALETTE)
+    candidates = (LEAK_SHADES[:, None, None] * np.asarray([PALETTE[n] for n in names])[None]).reshape(-1, 3)
+    owner = np.tile(np.arange(len(names)), len(LEAK_SHADES))
+    nearest = owner[((pixels[:, None, :] - candidates[None]) ** 2).sum(-1).argmin(1)]
+    return float(np.isin(nearest, [names.index(c) for c in leaked]).mean())
 
 
 def evaluate(outputs: torch.Tensor, reference: Example, targets: list[Example], classifier=None) -> dict:
     """The benchmark's metrics of a batch of outputs, each against its own new design.
 
-    The paper's columns: hfrd (to the reference, lower is better), hist_ref (similarity to the
-    reference, higher), hist_design (distance to the new design, lower); then content_iou
-    (stitched pixels vs the new design's motif mask, higher) and technique_accuracy (the
-    classifier reads the reference's technique). The toy world also knows the right answer, the
-    generator's render of each new design in the reference's technique: hfrd_gt (HFRD to it,
-    lower) and hist_gt (Hist similarity to it, higher) judge the texture without the reference's
-    own colours and contrast getting in the way.
+    Against the right answer (the generator's render of each new design in the reference's
+    technique): technique_accuracy (the classifier reads all three attributes, higher is
+    better), attribute_accuracy (share of the three it reads right, higher), hfrd_gt (lower) and
+    hist_gt (100 x chi-square histogram distance, lower). Leakage: palette_leak (% of stitched pixels in a colour
+    only the reference has, lower), content_iou (stitched pixels vs the new design's motif
+    mask, higher), hist_design (distance to the new design, lower). The paper's columns, against
+    the reference: hfrd (lower) and hist_ref (the same chi-square histogram distance as every
+    histogram column here; higher is better, as in the paper: less of the reference's palette).
     """
+    from .classifier import attribute_hits, predict
+
     out = outputs.numpy()
     ref = reference.embroidery[0].numpy()
-    rows = {k: [] for k in METRIC_KEYS}
+    leaked = tuple(c for c in reference.thread_colours if c in REFERENCE_COLOURS)
+    rows = {k: [] for k in METRIC_KEYS if k not in CLASSIFIER_KEYS}
     for image, target in zip(out, targets):
         truth = target.embroidery[0].numpy()
-        rows["hfrd"].append(metrics.hfrd(image, ref))
-        rows["hist_ref"].append(metrics.hist_ref_similarity(image, ref))
-        rows["hist_design"].append(metrics.hist_design_distance(image, target.design[0].numpy()))
-        rows["content_iou"].append(metrics.content_iou(metrics.stitched_mask(image, target.fabric_rgb), target.mask))
+        stitched = metrics.stitched_mask(image, target.fabric_rgb)
         rows["hfrd_gt"].append(metrics.hfrd(image, truth))
-        rows["hist_gt"].append(metrics.hist_ref_similarity(image, truth))
+        rows["hist_gt"].append(100 * metrics.histogram_distance(image, truth))
+        rows["palette_leak"].append(100 * palette_leak(image, stitched, leaked))
+        rows["content_iou"].append(metrics.content_iou(stitched, target.mask))
+        rows["hist_design"].append(100 * metrics.histogram_distance(image, target.design[0].numpy()))
+        rows["hfrd"].append(metrics.hfrd(image, ref))
+        rows["hist_ref"].append(100 * metrics.histogram_distance(image, ref))
     if classifier is not None:
-        from .classifier import predict
-
-        rows["technique_accuracy"] = [float(p == reference.technique) for p in predict(classifier, out)]
-    else:
-        del rows["technique_accuracy"]
-    return {k: float(np.mean(v)) for k, v in rows.items()}
+        predicted = predict(classifier, out)
+        rows["technique_accuracy"] = [float(p == reference.technique) for p in predicted]
+        rows["attribute_accuracy"] = list(np.mean([attribute_hits(predicted, reference.technique, a)
+                                                   for a in range(3)], axis=0))
+    return {k: float(np.mean(rows[k])) for k in METRIC_KEYS if k in rows}
 
 
 def contact_sheet(rows: list[tuple[str, torch.Tensor]], scale: int = 2, gap: int = 4) -> Image.Image:
@@ -232,7 +284,7 @@ def contact_sheet(rows: list[tuple[str, torch.Tensor]], scale: int = 2, gap: int
 
 # --- the demo --------------------------------------------------------------------------------
 
-def run_demo(out_dir: str, quick: bool = False, technique: str = "french_knot", weights: str | None = None,
+def run_demo(out_dir: str, quick: bool = False, technique: str = HELD_OUT[0], weights: str | None = None,
              classifier_weights: str | None = None) -> dict:
     """The whole demo; returns what metrics.json holds."""
     if technique not in HELD_OUT:
@@ -246,12 +298,14 @@ def run_demo(out_dir: str, quick: bool = False, technique: str = "french_knot", 
     config = ToyRunConfig(**(QUICK if quick else {}))
     timings, start = {}, time.monotonic()
     unet, encoder = load_toy_model(weights)
-    reference = make_example(technique, REFERENCE_SEED)
+    reference = make_reference(technique, REFERENCE_SEED)
     pair = pair_latents(encoder, reference.design, reference.embroidery, reference.subject)
     log.info("reference: a %s in %s (shown to the model as %s)", reference.subject, technique, TRIGGER)
 
     tick = time.monotonic()
-    stage1 = train_stage1(unet, pair, config, _logger("stage 1"))
+    style_blocks = find_style_blocks(unet, pair)
+    log.info("style blocks by the block metric: %s", ", ".join(style_blocks))
+    stage1 = train_stage1(unet, pair, config, style_blocks, _logger("stage 1"))
     timings["stage1_s"] = time.monotonic() - tick
     tick = time.monotonic()
     gen_images, gen_designs, generated = generate_pairs(unet, encoder, stage1, STAGE2_SUBJECTS, config)
@@ -264,6 +318,7 @@ def run_demo(out_dir: str, quick: bool = False, technique: str = "french_knot", 
     subjects = [t.subject for t in targets]
     base = stylize(unet, encoder, designs, subjects, config)
     styled = stylize(unet, encoder, designs, subjects, config, stage2, stage2.style_blocks)
+    whole = stylize(unet, encoder, designs, subjects, config, stage2)
     timings["inference_s"] = time.monotonic() - tick
 
     classifier = _classifier(classifier_weights)
@@ -272,6 +327,7 @@ def run_demo(out_dir: str, quick: bool = False, technique: str = "french_knot", 
         "technique": technique, "trigger": TRIGGER, "reference_subject": reference.subject, "quick": quick,
         "config": dataclasses.asdict(config), "style_blocks": stage2.style_blocks,
         "metrics": {"emolora": evaluate(styled, reference, targets, classifier),
+                    "emolora_whole_lora": evaluate(whole, reference, targets, classifier),
                     "no_lora": evaluate(base, reference, targets, classifier),
                     "ground_truth": evaluate(truth, reference, targets, classifier)},
     }
@@ -282,9 +338,10 @@ def run_demo(out_dir: str, quick: bool = False, technique: str = "french_knot", 
         ("reference", torch.cat([reference.embroidery, reference.design])),
         ("stage-2 pairs", torch.cat([gen_images, gen_designs])),
         ("new designs", designs),
-        ("no LoRA", base),
-        ("EmoLoRA", styled),
-        (f"true {technique}", truth),
+        ("base model", base),
+        ("EmoLoRA style blocks", styled),
+        ("whole LoRA", whole),
+        ("ground truth", truth),
     ])
     with atomic_path(os.path.join(out_dir, "contact_sheet.png")) as tmp:
         sheet.save(tmp, format="PNG")

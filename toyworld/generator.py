@@ -5,11 +5,12 @@ world we can generate exactly: a *design* is a few flat-coloured shapes or lette
 fabric colour, and ``render_embroidery`` turns it into a stitched image in one of several
 techniques, together with the mask of stitched pixels. Everything is seeded and deterministic.
 
-Reading order: constants, design drawing, small texture helpers, one renderer per technique,
+Reading order: constants, design drawing, small texture helpers, one renderer per stitch kind,
 the shared compositor (thread colour, fabric weave, shadow), then the vocabulary and the demo pair.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -29,6 +30,11 @@ PALETTE = {  # thread colours; their names appear in prompts
     "white": (0.97, 0.97, 0.95),
     "black": (0.14, 0.14, 0.16),  # real black thread still shines
 }
+# The benchmark's references are drawn in these colours only and its new designs never use them,
+# so a method that copies the reference's palette is measured (toyworld.demo.palette_leak).
+# The base model is trained on every colour: they are all words it knows.
+REFERENCE_COLOURS = ("orange", "purple", "pink")
+DESIGN_COLOURS = tuple(c for c in PALETTE if c not in REFERENCE_COLOURS)
 FABRICS = {  # background cloth; never named in prompts
     "linen": (0.86, 0.80, 0.68),
     "grey": (0.62, 0.63, 0.66),
@@ -38,17 +44,37 @@ FABRICS = {  # background cloth; never named in prompts
 }
 SHAPES = ("circle", "square", "triangle", "star", "heart")
 LETTERS = tuple(chr(c) for c in range(ord("A"), ord("Z") + 1))  # upper case: "a" is the article
-TECHNIQUES = ("satin", "tatami", "cross_stitch", "running", "chain", "french_knot", "sequin")
-HELD_OUT = ("french_knot", "sequin", "chain")  # never seen by base training
-TRAIN_TECHNIQUES = tuple(t for t in TECHNIQUES if t not in HELD_OUT)
-# Techniques that cover a region without fabric showing through (cross stitch leaves the fabric
-# visible between its X's and snaps the shape to its grid; running stitch only outlines).
-FILL_TECHNIQUES = ("satin", "tatami", "chain", "french_knot", "sequin")
+
+# A technique is three attributes, each value a word: "knot vertical fine". Stitches are laid on
+# the fabric's grid (like Aida cloth): a pattern repeats every SPACINGS[spacing] px, aligned with
+# the image, so at the toy latent's 4 x 4 fold a fine stitch is one latent position's code, as a
+# stitch of a few pixels is in SD's 1/8-scale latent.
+KINDS = ("satin", "tatami", "knot", "cross")  # known to the base model
+NEW_KIND = "chain"  # never trained, not even by its word: the hard case, reported separately
+DIRECTIONS = ("horizontal", "vertical")  # the rows' direction
+SPACINGS = {"fine": 4, "coarse": 8}  # stitch period in px at 64 px
+ATTRIBUTES = (KINDS + (NEW_KIND,), DIRECTIONS, tuple(SPACINGS))
+TECHNIQUES = tuple(" ".join(a) for a in itertools.product(*ATTRIBUTES))
+# Unseen combinations of known attribute values: the base model knows every word of each (each
+# kind is trained in three of its four combinations), not the combination.
+HELD_OUT = ("knot vertical fine", "satin vertical coarse", "tatami horizontal fine", "cross horizontal coarse")
+NEW_KIND_TECHNIQUES = tuple(t for t in TECHNIQUES if t.split()[0] == NEW_KIND)
+TRAIN_TECHNIQUES = tuple(t for t in TECHNIQUES if t not in HELD_OUT and t not in NEW_KIND_TECHNIQUES)
 
 TRIGGER = "<trigger>"
 PAD = "<pad>"
+PROMPT_LENGTH = 12  # "a red circle blue star in knot vertical fine style" is 10 words
 VOCAB = (PAD, TRIGGER, "a", "in", "style", "design", "embroidery") + tuple(PALETTE) + SHAPES \
-    + LETTERS + TECHNIQUES
+    + LETTERS + sum(ATTRIBUTES, ())
+
+
+def attributes(technique: str) -> tuple[str, str, str]:
+    """"knot vertical fine" -> ("knot", "vertical", "fine"); ValueError for anything else."""
+    words = tuple(technique.split())
+    if len(words) != 3 or any(w not in values for w, values in zip(words, ATTRIBUTES)):
+        raise ValueError(f"unknown technique {technique!r}; a technique is kind direction spacing, "
+                         f"one of {ATTRIBUTES}, e.g. {TECHNIQUES[0]!r}")
+    return words  # type: ignore[return-value]
 
 # --- design layout ---------------------------------------------------------------------------
 
@@ -64,26 +90,16 @@ PAIR_RADIUS = (0.18, 0.22)  # the same with two motifs
 SHADE_RANGE = (0.4, 1.4)
 MIN_THREAD_CONTRAST = 0.2  # every fabric keeps >= 4 thread colours, enough for any design
 
-# --- stitch geometry, in pixels at 64 px (scaled with the image side) -------------------------
-
-BASE_SIDE = 64
-SATIN_STRAND = 2.5
-SATIN_SHEEN_PERIOD = 24.0
-TATAMI_ROW, TATAMI_LENGTH = 3.0, 6.0
-CROSS_CELL, CROSS_HALF_WIDTH = 4.0, 0.27  # half width as a fraction of the cell
-RUNNING_WIDTH, RUNNING_DASH, RUNNING_GAP = 1.5, 4.0, 2.0
-CHAIN_ROW, CHAIN_LINK = 3.5, 4.0
-KNOT_SPACING, KNOT_RADIUS, KNOT_JITTER = 3.0, 0.62, 0.18  # radius, jitter: fractions of spacing
-SEQUIN_SPACING, SEQUIN_ROW, SEQUIN_RADIUS = 4.0, 3.0, 0.62  # radius > 0.54 leaves no gaps
-
 # --- compositing -----------------------------------------------------------------------------
 
-STITCH_BRIGHTNESS_JITTER = 0.12  # per stitch, relative
-STITCH_TINT_JITTER = 0.03  # per stitch and channel, absolute
-FIBRE_NOISE = 0.03  # per pixel, relative
+STITCH_BRIGHTNESS_JITTER = 0.05  # per stitch, relative
+STITCH_TINT_JITTER = 0.01  # per stitch and channel, absolute
+FIBRE_NOISE = 0.02  # per pixel, relative
 WEAVE_AMPLITUDE = 0.03
 SHADOW_STRENGTH = 0.06
 SHADOW_OFFSET, SHADOW_BLUR = 1.0, 1.5
+GAP_SHADE = 0.4  # thread between knots, crosses and loops: in the shadow of its neighbours
+BASE_SIDE = 64  # stitch sizes are defined at 64 px and scale with the image side
 
 
 @dataclass
@@ -166,46 +182,59 @@ def _layout(rng: np.random.Generator, n: int, size: int) -> list[tuple[float, fl
     return [(size / 2 + s * offset[0], size / 2 + s * offset[1], r) for s, r in zip((-1, 1), radii)]
 
 
-def _thread_colours(fabric: np.ndarray) -> list[str]:
-    """Palette names whose colour stays at least MIN_THREAD_CONTRAST from the fabric at any shade."""
+def _thread_colours(fabric: np.ndarray, colours=tuple(PALETTE)) -> list[str]:
+    """Names in ``colours`` whose colour stays at least MIN_THREAD_CONTRAST from the fabric at any shade."""
     shades = np.linspace(*SHADE_RANGE, 15)[:, None]
     keep = []
-    for name, rgb in PALETTE.items():
-        gap = np.abs(shades * np.asarray(rgb) - fabric).max(axis=1).min()
+    for name in colours:
+        gap = np.abs(shades * np.asarray(PALETTE[name]) - fabric).max(axis=1).min()
         if gap >= MIN_THREAD_CONTRAST:
             keep.append(name)
     return keep
 
 
-def make_design(seed: int, size: int = 64) -> Design:
+def make_design(seed: int, size: int = 64, colours: tuple[str, ...] | None = None) -> Design:
     """A seeded flat design: 1-2 motifs (shapes or letters), 2-4 thread colours, one fabric colour.
 
     A single motif always carries an inner accent so that every design has at least two thread
-    colours; ``words`` names only the motifs (colour + shape), not the accents.
+    colours; ``words`` names only the motifs (colour + shape), not the accents. ``colours``
+    limits the thread colours to those names (the benchmark's references and new designs); the
+    fabric is then one that leaves at least three of them, and a design that would need more
+    colours than remain drops its accents.
     """
     if size < MIN_SIDE:
         raise ValueError(f"design size {size} is too small; use at least {MIN_SIDE} px")
+    colours = tuple(PALETTE) if colours is None else tuple(colours)
+    unknown = [c for c in colours if c not in PALETTE]
+    if unknown:
+        raise ValueError(f"unknown thread colours {unknown}; expected names from {tuple(PALETTE)}")
     rng = np.random.default_rng(seed)
-    fabric = np.asarray(FABRICS[rng.choice(list(FABRICS))], np.float32)
+    fabrics = [f for f in FABRICS if len(_thread_colours(np.asarray(FABRICS[f]), colours)) >= 3]
+    if not fabrics:
+        raise ValueError(f"the colours {colours} leave fewer than 3 thread colours on every fabric")
+    fabric = np.asarray(FABRICS[rng.choice(fabrics)], np.float32)
+    available = _thread_colours(fabric, colours)
     n = int(rng.integers(1, 3))
     kinds = [str(rng.choice(LETTERS)) if rng.random() < LETTER_PROB else str(rng.choice(SHAPES))
              for _ in range(n)]
     if n == 1 and kinds[0] in LETTERS:
         kinds[0] = str(rng.choice(SHAPES))  # a lone motif needs an accent, letters take none
     accents = [k not in LETTERS and (n == 1 or rng.random() < ACCENT_PROB) for k in kinds]
-    names = [str(c) for c in rng.choice(_thread_colours(fabric), n + sum(accents), replace=False)]
+    while n + sum(accents) > len(available) and sum(accents) > (n == 1):
+        accents[accents.index(True, n == 1)] = False
+    names = [str(c) for c in rng.choice(available, n + sum(accents), replace=False)]
 
     labels_img = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(labels_img)
-    colours, words = [fabric], []  # colours[k] is region k's colour
+    colours_rgb, words = [fabric], []  # colours_rgb[k] is region k's colour
     for kind, accent, (cx, cy, r) in zip(kinds, accents, _layout(rng, n, size)):
         turn = rng.uniform(-0.3, 0.3)
-        words += [names[len(colours) - 1], kind]
+        words += [names[len(colours_rgb) - 1], kind]
         for scale in (1.0, ACCENT_SCALE)[:1 + accent]:
-            _draw_motif(draw, kind, cx, cy, r * scale, turn, len(colours))
-            colours.append(PALETTE[names[len(colours) - 1]])
+            _draw_motif(draw, kind, cx, cy, r * scale, turn, len(colours_rgb))
+            colours_rgb.append(PALETTE[names[len(colours_rgb) - 1]])
     labels = np.asarray(labels_img, dtype=np.int64)
-    region_rgb = np.asarray(colours, np.float32)
+    region_rgb = np.asarray(colours_rgb, np.float32)
     return Design(region_rgb[labels], labels, words, fabric, region_rgb)
 
 
@@ -222,18 +251,6 @@ def _hash01(a, b=0, salt: int = 0) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / float(2 ** 53)
 
 
-def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates (y, x)."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    return yy + 0.5, xx + 0.5
-
-
-def _rotate(xx: np.ndarray, yy: np.ndarray, theta) -> tuple[np.ndarray, np.ndarray]:
-    """Coordinates along (u) and across (v) the direction ``theta``."""
-    c, s = np.cos(theta), np.sin(theta)
-    return xx * c + yy * s, -xx * s + yy * c
-
-
 def _shift(a: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
     """``a`` moved by (dy, dx); uncovered pixels get ``fill``."""
     out = np.full_like(a, fill)
@@ -243,117 +260,11 @@ def _shift(a: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
     return out
 
 
-_N4 = ((0, 1), (0, -1), (1, 0), (-1, 0))
-_N8 = _N4 + ((1, 1), (1, -1), (-1, 1), (-1, -1))
-
-
-def _region_distance(labels: np.ndarray, max_d: int, lower_only: bool = False) -> np.ndarray:
-    """Approximate distance (px, >= 1 inside) from each stitched pixel to its region's edge.
-
-    Repeated erosion that alternates 4- and 8-neighbourhoods (an octagonal metric); a pixel next
-    to another region counts as on the edge, so regions are measured separately. With
-    ``lower_only`` only edges against a lower label count (an accent's edge belongs to the
-    accent, not to the region around it).
-    """
-    neighbours = {d: _shift(labels, *d, -1) for d in _N8}
-    same = {d: (n >= labels) if lower_only else (n == labels) for d, n in neighbours.items()}
-    alive = labels > 0
-    dist = alive.astype(np.float64)
-    for k in range(max_d):
-        before = alive
-        for d in (_N4 if k % 2 == 0 else _N8):
-            alive = alive & _shift(before, *d, False) & same[d]
-        if not alive.any():
-            break
-        dist += alive
-    return dist
-
-
-def _region_centroids(labels: np.ndarray) -> np.ndarray:
-    """(K + 1, 2) centroid (y, x) of every region (row 0 unused)."""
-    yy, xx = _grid(*labels.shape)
-    count = np.maximum(np.bincount(labels.ravel()), 1)
-    cy = np.bincount(labels.ravel(), yy.ravel()) / count
-    cx = np.bincount(labels.ravel(), xx.ravel()) / count
-    return np.stack([cy, cx], axis=1)
-
-
-def _contour_coordinate(labels: np.ndarray, period: float, radial: bool) -> np.ndarray:
-    """A coordinate that runs along region contours, in units of ``period`` (px).
-
-    The angle about the region's centroid, scaled so one turn holds a whole number of periods
-    at the region's mean radius: seamless, and constant across a row on round contours.
-    ``radial`` adds the radius itself, so that the coordinate also advances along edges that
-    point away from the centroid (a star's arms); only for thin rows, as it shears wide ones.
-    """
-    yy, xx = _grid(*labels.shape)
-    c = _region_centroids(labels)[labels]
-    dy, dx = yy - c[..., 0], xx - c[..., 1]
-    radius = np.hypot(dy, dx)
-    flat = labels.ravel()
-    mean_r = np.bincount(flat, radius.ravel()) / np.maximum(np.bincount(flat), 1)
-    turns = np.maximum(3, np.round(2 * np.pi * mean_r / period))
-    along = (np.arctan2(dy, dx) / (2 * np.pi) + 0.5) * turns[labels]
-    return along + radius / period if radial else along
-
-
-class Lattice(NamedTuple):
-    """Per pixel, the 9 nearby points of a jittered brick lattice, each array (9, H, W)."""
-
-    cy: np.ndarray
-    cx: np.ndarray
-    order: np.ndarray  # row-major laying order of the point (also its id)
-    region: np.ndarray  # region under the point
-
-
-def _brick_lattice(labels: np.ndarray, spacing: float, row_step: float, jitter: float,
-                   salt: int) -> Lattice:
-    """Points every ``spacing`` px along rows ``row_step`` apart, odd rows shifted by half.
-
-    The points live in a small table (jitter and region are computed once per point); each
-    pixel then looks up the 3 x 3 points around it.
-    """
-    h, w = labels.shape
-    r = np.arange(-1, int(h / row_step) + 3)[:, None]
-    c = np.arange(-2, int(w / spacing) + 3)[None, :]
-    ty = (r + 0.5) * row_step + jitter * (2 * _hash01(r, c, salt) - 1)
-    tx = (c + 0.5) * spacing + (r % 2) * spacing / 2 + jitter * (2 * _hash01(c, r, salt + 1) - 1)
-    region = _label_at(labels, ty, tx)
-
-    yy, xx = _grid(h, w)
-    rows = np.floor(yy[:, :1] / row_step).astype(np.int64)[None] + np.arange(-1, 2)[:, None, None]
-    cols = np.floor((xx[None] - (rows % 2) * spacing / 2) / spacing).astype(np.int64)
-    cols = cols[:, None] + np.arange(-1, 2)[None, :, None, None]
-    ri = np.broadcast_to(rows[:, None] - r[0, 0], cols.shape).reshape(9, h, w)
-    ci = (cols - c[0, 0]).reshape(9, h, w)
-    return Lattice(ty[ri, ci], tx[ri, ci], ri * ty.shape[1] + ci, region[ri, ci])
-
-
-def _label_at(labels: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
-    """Region under each (cy, cx) point; 0 outside the image."""
-    h, w = labels.shape
-    iy, ix = np.floor(cy).astype(np.int64), np.floor(cx).astype(np.int64)
-    inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
-    return np.where(inside, labels[iy.clip(0, h - 1), ix.clip(0, w - 1)], 0)
-
-
 def _box_blur(a: np.ndarray, radius: int) -> np.ndarray:
     """Mean over a (2r+1)^2 box, edges treated as zero."""
     k = 2 * radius + 1
     p = np.pad(a, (radius + 1, radius)).cumsum(0).cumsum(1)  # leading zero row and column
     return (p[k:, k:] - p[:-k, k:] - p[k:, :-k] + p[:-k, :-k]) / (k * k)
-
-
-# --- one renderer per technique --------------------------------------------------------------
-
-class Stitches(NamedTuple):
-    """What a technique lays down: per pixel, which region's thread, how it is lit, which stitch."""
-
-    region: np.ndarray  # int, the region whose colour the thread takes
-    shade: np.ndarray  # multiplies the thread colour
-    gloss: np.ndarray  # added as white (specular highlights)
-    mask: np.ndarray  # bool, stitched pixels
-    stitch: np.ndarray  # int id, for per-stitch colour variation
 
 
 def _strand_profile(f: np.ndarray) -> np.ndarray:
@@ -366,164 +277,104 @@ def _strand_sheen(f: np.ndarray, strength: float) -> np.ndarray:
     return strength * np.sin(np.pi * f) ** 8
 
 
-def _satin(labels, unit, rng) -> Stitches:
-    """Long parallel strands spanning each region, one direction per region, with a slow sheen."""
-    yy, xx = _grid(*labels.shape)
-    theta = rng.uniform(0, np.pi, labels.max() + 1)[labels]
-    u, v = _rotate(xx, yy, theta)
-    strand_f = v / (SATIN_STRAND * unit)
-    strand = np.floor(strand_f)
-    phase = rng.uniform(0, 2 * np.pi, labels.max() + 1)[labels]
-    sheen = 1 + 0.1 * np.cos(2 * np.pi * u / (SATIN_SHEEN_PERIOD * unit) + phase)
-    edge = _region_distance(labels, 2) <= 1
-    shade = _strand_profile(strand_f - strand) * sheen * np.where(edge, 0.85, 1.0)
-    gloss = _strand_sheen(strand_f - strand, 0.2) * sheen
-    return Stitches(labels, shade, gloss, labels > 0, labels * 100003 + strand.astype(np.int64))
+# --- one renderer per kind -------------------------------------------------------------------
+
+class Cells(NamedTuple):
+    """Every pixel in stitch-row coordinates: rows of height ``period`` along the technique's
+    direction, odd rows shifted half a period along the row (the brick layout of fills)."""
+
+    across: np.ndarray  # 0..1 across the row
+    along: np.ndarray  # 0..1 along the stitch (one period)
+    row: np.ndarray  # int row index
+    col: np.ndarray  # int stitch index along the row
+    period: float  # px
 
 
-def _tatami(labels, unit, rng) -> Stitches:
-    """Rows of short stitches, each row shifted by a third of a stitch (the brick pattern)."""
-    yy, xx = _grid(*labels.shape)
-    theta = (rng.choice([0.0, np.pi / 6, -np.pi / 6, np.pi / 2], labels.max() + 1)
-             + rng.uniform(-0.1, 0.1, labels.max() + 1))[labels]
-    u, v = _rotate(xx, yy, theta)
-    row_f = v / (TATAMI_ROW * unit)
-    row = np.floor(row_f)
-    along = u / (TATAMI_LENGTH * unit) + row / 3
-    col = np.floor(along)
-    to_end = np.minimum(along - col, 1 - (along - col)) * TATAMI_LENGTH * unit  # px to needle hole
-    hole = 1 - 0.5 * np.exp(-(to_end / (0.7 * unit)) ** 2)
-    shade = _strand_profile(row_f - row) * hole
-    gloss = _strand_sheen(row_f - row, 0.18) * hole
-    stitch = (labels * 7919 + row.astype(np.int64)) * 100003 + col.astype(np.int64)
-    return Stitches(labels, shade, gloss, labels > 0, stitch)
+class Stitches(NamedTuple):
+    """What a kind lays down inside the regions: per pixel, how the thread is lit and which stitch."""
+
+    shade: np.ndarray  # multiplies the thread colour
+    gloss: np.ndarray  # added as white (specular highlights)
+    stitch: np.ndarray  # int id, for per-stitch colour variation
 
 
-def _cross_stitch(labels, unit, rng) -> Stitches:
-    """A grid of X's: a cell is stitched when its centre lies in a region; '/' lies over '\\'."""
-    yy, xx = _grid(*labels.shape)
-    cell = CROSS_CELL * unit
-    origin = rng.uniform(0, cell, 2)
-    gy, gx = np.floor((yy - origin[0]) / cell), np.floor((xx - origin[1]) / cell)
-    region = _label_at(labels, (gy + 0.5) * cell + origin[0], (gx + 0.5) * cell + origin[1])
-    a, b = (xx - origin[1]) / cell - gx, (yy - origin[0]) / cell - gy
-    under, over = np.abs(a - b) / CROSS_HALF_WIDTH, np.abs(a + b - 1) / CROSS_HALF_WIDTH
-    top = over < 1
-    f = 0.5 * (1 - np.where(top, over, under).clip(0, 1))  # 0 at a thread's edge, 0.5 mid
-    shade = _strand_profile(f) * np.where(top, 1.0, 0.85)
+def _cells(shape: tuple[int, int], direction: str, period: float, length: float = 1.0) -> Cells:
+    """Row coordinates on the image grid (pixel centres); a stitch is ``length`` periods long."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64) + 0.5
+    u, v = (xx, yy) if direction == "horizontal" else (yy, xx)
+    row = np.floor(v / period)
+    s = (u / period + (row % 2) * length / 2) / length
+    col = np.floor(s)
+    return Cells(v / period - row, s - col, row.astype(np.int64), col.astype(np.int64), period)
+
+
+def _satin(c: Cells) -> Stitches:
+    """Long parallel strands along the rows, one strand per row, with a sheen line."""
+    return Stitches(_strand_profile(c.across), _strand_sheen(c.across, 0.25), c.row)
+
+
+def _tatami(c: Cells) -> Stitches:
+    """Rows of short stitches two periods long, each row shifted by half a stitch, dark needle holes."""
+    to_end = np.minimum(c.along, 1 - c.along) * 2 * c.period  # px to the nearest needle hole
+    hole = 1 - 0.55 * np.exp(-(to_end / (0.2 * c.period + 0.5)) ** 2)
+    return Stitches(_strand_profile(c.across) * hole, _strand_sheen(c.across, 0.15) * hole,
+                    c.row * 100003 + c.col)
+
+
+def _knot(c: Cells) -> Stitches:
+    """A dome per cell, lit like a sphere with a specular spot; thread shadow between domes."""
+    dy, dx = c.across - 0.5, c.along - 0.5
+    r2 = (dy ** 2 + dx ** 2) / 0.46 ** 2
+    z = np.sqrt(np.clip(1 - r2, 0, 1))
+    shade = np.where(r2 < 1, 0.45 + 0.75 * z, GAP_SHADE)
+    gloss = np.where(r2 < 1, 0.35 * np.exp(-((dy + 0.15) ** 2 + (dx + 0.15) ** 2) / 0.12 ** 2), 0.0)
+    return Stitches(shade, gloss, c.row * 100003 + c.col)
+
+
+def _cross(c: Cells) -> Stitches:
+    """An X per cell, the '/' leg over the '\\' leg; thread shadow around the legs."""
+    under, over = np.abs(c.along - c.across) / 0.3, np.abs(c.along + c.across - 1) / 0.3
+    top, bottom = over < 1, under < 1
+    f = 0.5 * (1 - np.where(top, over, under).clip(0, 1))  # 0 at a leg's edge, 0.5 in its middle
+    shade = np.where(top, _strand_profile(f), np.where(bottom, 0.85 * _strand_profile(f), GAP_SHADE))
     gloss = np.where(top, _strand_sheen(f, 0.15), 0.0)
-    mask = (region > 0) & (top | (under < 1))
-    stitch = (gy.astype(np.int64) * 1009 + gx.astype(np.int64)) * 2 + top
-    return Stitches(region, shade, gloss, mask, stitch)
+    return Stitches(shade, gloss, (c.row * 100003 + c.col) * 2 + top)
 
 
-def _running(labels, unit, rng) -> Stitches:
-    """Dashed rows only: one just inside every motif's and every accent's outline."""
-    dist = _region_distance(labels, int(np.ceil(RUNNING_WIDTH * unit)) + 1, lower_only=True) - 1
-    period = (RUNNING_DASH + RUNNING_GAP) * unit
-    s = _contour_coordinate(labels, period, radial=True) + rng.uniform(0, 1)
-    along = (s - np.floor(s)) * period  # px from the start of the dash
-    to_end = np.minimum(along, RUNNING_DASH * unit - along)
-    across = (dist / (RUNNING_WIDTH * unit)).clip(0, 1)
-    shade = _strand_profile(across) * (1 - 0.3 * np.exp(-(to_end / unit) ** 2))
-    mask = (labels > 0) & (dist < RUNNING_WIDTH * unit) & (along < RUNNING_DASH * unit)
-    return Stitches(labels, shade, np.zeros_like(shade), mask, np.floor(s).astype(np.int64))
-
-
-def _chain(labels, unit, rng) -> Stitches:
-    """Rows of linked teardrop loops that follow the contours inward."""
-    row_f = (_region_distance(labels, labels.shape[0]) - 1) / (CHAIN_ROW * unit)
-    row = np.floor(row_f)
-    across = row_f - row
-    s = _contour_coordinate(labels, CHAIN_LINK * unit, radial=False) + 0.5 * row + rng.uniform(0, 1)
-    link = np.floor(s)
-    along = s - link  # the loop's tail is at 0, its round end at 1
-    half_width = 0.5 * (0.55 + 0.45 * along)
-    q = ((along - 0.5) / 0.5) ** 2 + ((across - 0.5) / half_width) ** 2
+def _chain(c: Cells) -> Stitches:
+    """Linked teardrop loops along the rows, the tail at the start of a period, the round end at its end."""
+    half_width = 0.5 * (0.55 + 0.45 * c.along)
+    q = ((c.along - 0.5) / 0.5) ** 2 + ((c.across - 0.5) / half_width) ** 2
     ring = (q > 0.3) & (q < 1)
     f = ((q - 0.3) / 0.7).clip(0, 1)  # position across the loop's thread
-    shade = np.where(ring, _strand_profile(f), 0.4)  # dark inside and between the loops
-    gloss = np.where(ring, _strand_sheen(f, 0.2), 0.0)
-    stitch = row.astype(np.int64) * 100003 + link.astype(np.int64)
-    return Stitches(labels, shade, gloss, labels > 0, stitch)
+    return Stitches(np.where(ring, _strand_profile(f), GAP_SHADE), np.where(ring, _strand_sheen(f, 0.2), 0.0),
+                    c.row * 100003 + c.col)
 
 
-def _pick_disc(lattice: Lattice, radius: float, topmost: bool):
-    """Per pixel, one lattice point in a region whose disc of ``radius`` covers the pixel.
-
-    ``topmost`` picks the one laid last (later rows overlap earlier ones, like scales);
-    otherwise the nearest. Returns (dy, dx) from the chosen point, the covered mask, and the
-    chosen point's id and region, each (H, W).
-    """
-    yy, xx = _grid(*lattice.cy.shape[1:])
-    dy, dx = yy[None] - lattice.cy, xx[None] - lattice.cx
-    d2 = dy ** 2 + dx ** 2
-    ok = (d2 < radius ** 2) & (lattice.region > 0)
-    score = lattice.order.astype(np.float64) if topmost else -d2
-    pick = np.where(ok, score, -np.inf).argmax(axis=0)[None]
-
-    def take(a):
-        return np.take_along_axis(a, pick, 0)[0]
-
-    return take(dy), take(dx), ok.any(axis=0), take(lattice.order), take(lattice.region)
-
-
-def _french_knot(labels, unit, rng) -> Stitches:
-    """Densely packed little domes, each lit like a sphere with a specular spot."""
-    spacing = KNOT_SPACING * unit
-    radius = KNOT_RADIUS * spacing
-    lattice = _brick_lattice(labels, spacing, spacing * 0.87, KNOT_JITTER * spacing,
-                             int(rng.integers(2 ** 31)))
-    dy, dx, mask, knot, region = _pick_disc(lattice, radius, topmost=False)
-    z = np.sqrt(np.clip(1 - (dy ** 2 + dx ** 2) / radius ** 2, 0, 1))
-    shade = 0.35 + 0.8 * z
-    gloss = 0.35 * np.exp(-((dy + 0.35 * radius) ** 2 + (dx + 0.35 * radius) ** 2)
-                          / (0.3 * radius) ** 2)
-    return Stitches(region, shade, gloss, mask, knot)
-
-
-def _sequin(labels, unit, rng) -> Stitches:
-    """Overlapping flat discs like fish scales: per-disc tilt, dark rim, one specular highlight."""
-    spacing = SEQUIN_SPACING * unit
-    radius = SEQUIN_RADIUS * spacing
-    salt = int(rng.integers(2 ** 31))
-    lattice = _brick_lattice(labels, spacing, SEQUIN_ROW * unit, 0.0, salt)
-    dy, dx, mask, disc, region = _pick_disc(lattice, radius, topmost=True)
-    tilt = 0.7 + 0.45 * _hash01(disc, 1, salt)  # each disc catches the light differently
-    angle = 2 * np.pi * _hash01(disc, 2, salt)
-    hy, hx = 0.35 * radius * np.sin(angle), 0.35 * radius * np.cos(angle)
-    r = np.sqrt(dy ** 2 + dx ** 2) / radius
-    shade = np.where(r > 0.82, 0.55, tilt) * np.where(r < 0.15, 0.5, 1.0)
-    gloss = 0.55 * np.exp(-((dy - hy) ** 2 + (dx - hx) ** 2) / (0.3 * radius) ** 2)
-    return Stitches(region, shade, gloss, mask, disc)
-
-
-_RENDERERS: dict[str, Callable[..., Stitches]] = {
-    "satin": _satin,
-    "tatami": _tatami,
-    "cross_stitch": _cross_stitch,
-    "running": _running,
-    "chain": _chain,
-    "french_knot": _french_knot,
-    "sequin": _sequin,
+_RENDERERS: dict[str, tuple[Callable[[Cells], Stitches], float]] = {  # kind -> (renderer, stitch length)
+    "satin": (_satin, 1.0),
+    "tatami": (_tatami, 2.0),
+    "knot": (_knot, 1.0),
+    "cross": (_cross, 1.0),
+    "chain": (_chain, 1.0),
 }
 
 
 # --- compositing -----------------------------------------------------------------------------
 
-def _thread_rgb(design: Design, st: Stitches, salt: int) -> np.ndarray:
+def _thread_rgb(design: Design, st: Stitches, mask: np.ndarray, salt: int) -> np.ndarray:
     """Region colour x shade, with a slight per-stitch brightness/tint and fibre noise, + gloss.
 
     The shade is scaled to mean 1 over the stitches, so on average the thread keeps the design's
     colour and the texture adds detail without shifting the colour.
     """
-    h, w = st.region.shape
-    base = design.region_rgb[st.region].astype(np.float64)
-    key = st.stitch * 31 + st.region
+    h, w = design.labels.shape
+    base = design.region_rgb[design.labels].astype(np.float64)
+    key = st.stitch * 31 + design.labels
     bright = 1 + STITCH_BRIGHTNESS_JITTER * (2 * _hash01(key, 0, salt) - 1)
     tint = np.stack([STITCH_TINT_JITTER * (2 * _hash01(key, c + 1, salt) - 1) for c in range(3)], -1)
     fibre = 1 + FIBRE_NOISE * (2 * _hash01(np.arange(h * w).reshape(h, w), 9, salt) - 1)
-    mean = st.shade[st.mask].mean() if st.mask.any() else 1.0
+    mean = st.shade[mask].mean() if mask.any() else 1.0
     shade = np.clip(st.shade / mean * bright * fibre, *SHADE_RANGE)
     return base * shade[..., None] + tint + st.gloss[..., None]
 
@@ -540,19 +391,22 @@ def _fabric_rgb(design: Design, mask: np.ndarray, unit: float) -> np.ndarray:
 
 
 def render_embroidery(design: Design, technique: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stitch ``design`` in ``technique``; returns (image (H, W, 3) float32 0..1, stitched mask).
+    """Stitch ``design`` in ``technique`` ("knot vertical fine"); returns (image (H, W, 3) float32
+    0..1, stitched mask). Every kind covers its regions, so the mask is the design's motif area.
 
     Stitch sizes are defined at 64 px and scale with the image side, so a 128 px render shows
-    the same embroidery at twice the resolution.
+    the same embroidery at twice the resolution. The seed draws only the per-stitch and fibre
+    variation: the stitch layout is the fabric grid's.
     """
-    if technique not in _RENDERERS:
-        raise ValueError(f"unknown technique {technique!r}; expected one of {TECHNIQUES}")
+    kind, direction, spacing = attributes(technique)
     rng = np.random.default_rng(seed)
     unit = min(design.labels.shape) / BASE_SIDE
-    st = _RENDERERS[technique](design.labels, unit, rng)
-    thread = _thread_rgb(design, st, int(rng.integers(2 ** 31)))
-    image = np.where(st.mask[..., None], thread, _fabric_rgb(design, st.mask, unit))
-    return np.clip(image, 0, 1).astype(np.float32), st.mask.copy()
+    renderer, length = _RENDERERS[kind]
+    st = renderer(_cells(design.labels.shape, direction, SPACINGS[spacing] * unit, length))
+    mask = design.labels > 0
+    thread = _thread_rgb(design, st, mask, int(rng.integers(2 ** 31)))
+    image = np.where(mask[..., None], thread, _fabric_rgb(design, mask, unit))
+    return np.clip(image, 0, 1).astype(np.float32), mask.copy()
 
 
 # --- words -----------------------------------------------------------------------------------
@@ -560,7 +414,7 @@ def render_embroidery(design: Design, technique: str, seed: int) -> tuple[np.nda
 _TOKEN_ID = {w: i for i, w in enumerate(VOCAB)}
 
 
-def tokenize(text: str, length: int = 8) -> list[int]:
+def tokenize(text: str, length: int = PROMPT_LENGTH) -> list[int]:
     """Whitespace-split ``text`` into VOCAB ids, padded with PAD to ``length``.
 
     Matching is exact first (so "A" is the letter and "a" the article), then lower-case
@@ -582,14 +436,15 @@ def detokenize(ids) -> str:
     return " ".join(VOCAB[int(i)] for i in ids if int(i) != _TOKEN_ID[PAD])
 
 
-def sample_pair(seed: int, technique: str, size: int = 64) -> dict:
+def sample_pair(seed: int, technique: str, size: int = 64, colours: tuple[str, ...] | None = None) -> dict:
     """One analogy pair for demos: a design, its embroidery in ``technique`` and both prompts.
 
     Keys: design (H, W, 3), embroidery (H, W, 3), mask, labels, fabric_rgb, words,
     design_prompt ("a red circle blue star") and embroidery_prompt ("... in <trigger> style").
-    Prompts have at most 8 words, so they fit ``tokenize``'s default length.
+    Prompts have at most 10 words, so they fit ``tokenize``'s default length (PROMPT_LENGTH).
+    ``colours`` limits the design's thread colours (see make_design).
     """
-    design = make_design(seed, size)
+    design = make_design(seed, size, colours)
     embroidery, mask = render_embroidery(design, technique, seed)
     prompt = "a " + " ".join(design.words)
     return dict(design=design.image, embroidery=embroidery, mask=mask, labels=design.labels,

@@ -1,10 +1,13 @@
 """The toy world's base model: a pixel-space TinyUNet and a tiny text encoder over VOCAB.
 
 No VAE: the toy "latent" of a 64 x 64 RGB image is the image itself, scaled to [-1, 1] and
-folded 2 x 2 into channels (``pixel_unshuffle``), i.e. a [12, 32, 32] tensor. The fold is an
-exact, parameter-free rearrangement of the pixels: it keeps every stitch of the 64 px render
-(a 32 px render would alias them away) while the UNet runs at 32 x 32, five times faster on a
-CPU. ``to_latent`` / ``from_latent`` play the VAE's encode / decode.
+folded 4 x 4 into channels (``pixel_unshuffle``), i.e. a [48, 16, 16] tensor. The fold is an
+exact, parameter-free rearrangement of the pixels that plays the part of SD's 1/8-scale VAE: a
+fine stitch (4 px, generator.SPACINGS) is one latent position's code in the channels, a coarse
+one spans 2 x 2 positions, as a stitch of a few pixels is a per-position code in SD's latent.
+(The first toy base folded 2 x 2: a stitch then spread over several positions and the small
+UNet never learned to paint most techniques, docs/FIDELITY.md.) ``to_latent`` / ``from_latent``
+play the VAE's encode / decode.
 
 The UNet is :class:`~embroidery_core.tiny_unet.TinyUNet` with SD's module names, so EmoLoRA's
 adapters, prompt router and block presets apply to it unchanged (``TOY_UNET.arch()`` gives
@@ -28,14 +31,17 @@ from torch import nn
 from embroidery_core.diffusion import PREDICTIONS, Cond, TorchDenoiser
 from embroidery_core.files import atomic_path
 from embroidery_core.tiny_unet import TinyUNet, TinyUNetConfig
-from .generator import VOCAB, tokenize
+from .generator import PROMPT_LENGTH, VOCAB, tokenize
 
 IMAGE_SIZE = 64  # toy images are 64 x 64 RGB
-PATCH = 2  # pixels folded into channels per side
-PROMPT_LENGTH = 8  # tokens per prompt (tokenize's default; every toy prompt fits)
+PATCH = 4  # pixels folded into channels per side
 TEXT_DIM = 32
-TOY_UNET = TinyUNetConfig(in_channels=3 * PATCH * PATCH, model_channels=32, channel_mult=(1, 1, 2),
-                          context_dim=TEXT_DIM, heads=2)
+# Attention at every level (16, 8 and 4 tokens a side: 4, 8 and 16 px per token), so the layers
+# a LoRA adapts are the ones that draw a stitch (4 or 8 px), not only coarser ones. 64 channels:
+# wider than the 48-channel latent, or the first level cannot even carry a position's pixels
+# (a 32-channel first try left the samples full of noise after 1000 steps).
+TOY_UNET = TinyUNetConfig(in_channels=3 * PATCH * PATCH, model_channels=64, channel_mult=(1, 1, 1),
+                          down_attention=(1, 1, 1), up_attention=(1, 1, 1), context_dim=TEXT_DIM, heads=4)
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy_base.safetensors")
 UNET_PREFIX, TEXT_PREFIX = "unet.", "text_encoder."
 FORMAT = "embroidery-toy-base/1"

@@ -1,23 +1,27 @@
 """Train the toy world's base model: designs and the TRAIN_TECHNIQUES embroideries, with prompts.
 
-    python -m toyworld.train_base --out toy_base.safetensors [--steps N] [--minutes M] [--model-channels C]
+    python -m toyworld.train_base --out toy_base.safetensors [--steps N] [--threads T] [--minutes M]
 
-What it sees: flat designs prompted "a red circle blue star" and their embroideries in the four
-training techniques prompted "a red circle blue star in satin style" (the technique word is the
-style word). The held-out techniques (HELD_OUT) and the trigger word are never seen: they are
-what a one-shot LoRA must add. SD's discrete schedule, the empty prompt for 10 % of examples so
-classifier-free guidance works; an EMA of the weights is what gets saved.
+What it sees: flat designs prompted "a red circle blue star" and their embroideries in the twelve
+training techniques prompted "a red circle blue star in knot horizontal fine style" (a
+technique's three attribute words are its style words). The held-out combinations (HELD_OUT),
+the new kind (NEW_KIND_TECHNIQUES) and the trigger word are never seen: the first must come from
+words the model knows, the others a one-shot LoRA has to add. SD's discrete schedule with
+timesteps drawn towards the noisy end (``timestep_exponent``), the empty prompt for 10 % of
+examples so classifier-free guidance works; an EMA of the weights is what gets saved.
 
 v-prediction, not eps: in pixel space SD's schedule ends at sigma 14.6, where an eps model must
 output an almost exact copy of its input, and every error there is multiplied by sigma when the
-sampler turns it into an image. Measured on this script: after 500 steps the eps model's x0 error
-at the last timestep was 10.4 (MSE, images in -1..1) and DDIM gave pure noise, while the v model
-had 0.21 after 200 steps and DDIM gave shapes. ``--prediction eps`` still trains the eps version.
+sampler turns it into an image (measured on the first toy base: after 500 steps the eps model's
+x0 error at the last timestep was 10.4 and DDIM gave pure noise; the v model's was 0.21).
 
-Reproducible: data, noise and timesteps come from ``--seed`` and the step only, the learning
-rate follows ``--steps``; the same command on the same torch and thread count gives the same
-file. ``--minutes`` is a wall-clock cap for slow machines: the run then stops early and saves
-what it has (the step count is in the file's metadata).
+Reproducible and resumable: data, noise and timesteps come from ``--seed`` and the step only,
+the learning rate follows ``--steps``. Every ``--checkpoint-every`` steps the whole state
+(weights, EMA, optimizer, data generator, loss history) goes to ``<out>.resume`` atomically; the
+same command finds it and continues, and gives the same file as a run that was never stopped
+(same torch and thread count). ``--minutes`` caps the wall clock of one invocation: it then
+writes the checkpoint and stops, so a long training fits sessions of any length. The checkpoint
+is removed once the finished model is saved.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import copy
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -34,11 +39,12 @@ import numpy as np
 import torch
 
 from embroidery_core.diffusion import TorchDenoiser, add_noise, diffusion_loss, target
+from embroidery_core.files import atomic_path
 from embroidery_core.tiny_unet import TinyUNetConfig
 from .generator import TRAIN_TECHNIQUES, make_design, render_embroidery
 from .model import IMAGE_SIZE, TOY_UNET, UNCOND, build_toy_model, save_toy_model, to_latent
 
-SCRIPT_VERSION = "1"
+SCRIPT_VERSION = "2"
 TRAIN_DESIGN_SEEDS = 1_000_000  # designs 0..999999 train the base; evaluations draw above
 log = logging.getLogger("toyworld.train_base")
 
@@ -48,7 +54,7 @@ class BaseTrainConfig:
     """Every default of the base training in one place."""
 
     seed: int = 0
-    steps: int = 4000
+    steps: int = 6000
     batch: int = 16
     learning_rate: float = 1e-3
     final_lr_fraction: float = 0.05  # cosine decay to this fraction of the peak
@@ -56,13 +62,17 @@ class BaseTrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    design_fraction: float = 1 / 3  # the rest are embroideries, techniques drawn uniformly
+    design_fraction: float = 0.25  # the rest are embroideries, techniques drawn uniformly
     uncond_fraction: float = 0.1
-    threads: int = 1
+    # t = T * u ** exponent, u uniform: below 1 more examples at high noise, where the layout of
+    # the stitches over a region is decided (0.75: 60 % of examples above t = 500, not 50 %).
+    timestep_exponent: float = 0.75
+    threads: int = 2
     prediction: str = "v"  # see the module docstring
 
 
 HEAD_CHANNELS = TOY_UNET.model_channels // TOY_UNET.heads  # 16
+CHECKPOINT_SUFFIX = ".resume"
 
 
 def wider(model_channels: int) -> TinyUNetConfig:
@@ -114,29 +124,76 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: f
         e.copy_(b)
 
 
+def sample_sigma(denoiser: TorchDenoiser, batch: int, generator: torch.Generator, exponent: float) -> torch.Tensor:
+    """Noise levels of SD's discrete schedule at t = T * u ** exponent (u uniform in [0, 1))."""
+    u = torch.rand(batch, generator=generator)
+    index = (u ** exponent * len(denoiser.sigmas)).long().clamp(max=len(denoiser.sigmas) - 1)
+    return denoiser.sigmas[index]
+
+
+def checkpoint_path(out: str) -> str:
+    return out + CHECKPOINT_SUFFIX
+
+
+def _save_checkpoint(path: str, step: int, parts: dict, rng: np.random.Generator, history: list,
+                     config: BaseTrainConfig, unet_config: TinyUNetConfig, minutes: float) -> None:
+    state = {name: part.state_dict() for name, part in parts.items()}
+    state.update(step=step, rng=rng.bit_generator.state, history=list(history), minutes=minutes,
+                 config=asdict(config), unet_config=asdict(unet_config))
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: str, config: BaseTrainConfig, unet_config: TinyUNetConfig) -> dict:
+    state = torch.load(path, weights_only=False)
+    if state["config"] != asdict(config) or state["unet_config"] != asdict(unet_config):
+        raise ValueError(f"{path} is a checkpoint of another training (config {state['config']}, "
+                         f"architecture {state['unet_config']}); pass the same options or delete it")
+    return state
+
+
 def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int = 100, on_log=None,
-          unet_config: TinyUNetConfig = TOY_UNET):
-    """Returns the EMA (unet, encoder), the steps done and the mean loss per ``log_every`` steps.
+          unet_config: TinyUNetConfig = TOY_UNET, checkpoint: str | None = None, checkpoint_every: int = 0):
+    """Returns the EMA (unet, encoder), the steps done, the mean loss per ``log_every`` steps and
+    the minutes trained over all invocations.
+
     ``on_log(step, ema_unet, ema_encoder, history)`` is called after each log line.
-    ``unet_config`` is the architecture (recorded in the saved file's metadata)."""
+    ``unet_config`` is the architecture (recorded in the saved file's metadata). With
+    ``checkpoint``, training starts from that file if it exists and writes it every
+    ``checkpoint_every`` steps and when the ``minutes`` cap stops the run."""
     torch.manual_seed(config.seed)
     unet, encoder = build_toy_model(unet_config)
     ema = copy.deepcopy(torch.nn.ModuleList([unet, encoder])).requires_grad_(False)
     params = list(unet.parameters()) + list(encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    parts = {"unet": unet, "encoder": encoder, "ema": ema, "optimizer": optimizer}
     denoiser = TorchDenoiser(unet, config.prediction)
     rng = np.random.default_rng(config.seed)
+    step, history, before = 0, [], 0.0
+    if checkpoint and os.path.isfile(checkpoint):
+        state = _load_checkpoint(checkpoint, config, unet_config)
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+        rng.bit_generator.state = state["rng"]
+        step, history, before = state["step"], list(state["history"]), state["minutes"]
+        log.info("resuming from %s at step %d (%.1f min trained)", checkpoint, step, before)
     deadline = None if minutes is None else time.monotonic() + 60 * minutes
-    start, history, running = time.monotonic(), [], []
-    step = 0
+    start, running = time.monotonic(), []
+
+    def trained_minutes():
+        return before + (time.monotonic() - start) / 60
+
     while step < config.steps:
         if deadline is not None and time.monotonic() > deadline:
             log.warning("stopping at step %d of %d: the %.1f-minute cap is reached", step, config.steps, minutes)
+            if checkpoint:
+                _save_checkpoint(checkpoint, step, parts, rng, history, config, unet_config, trained_minutes())
+                log.warning("the state is in %s; run the same command again to continue", checkpoint)
             break
         x0, prompts = make_batch(rng, config)
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         noise = torch.randn(x0.shape, generator=g)
-        sigma = denoiser.sample_sigma(x0.shape[0], g)
+        sigma = sample_sigma(denoiser, x0.shape[0], g, config.timestep_exponent)
         out = denoiser(add_noise(config.prediction, x0, noise, sigma), sigma, encoder.encode(prompts))
         loss = diffusion_loss(out, target(config.prediction, x0, noise, sigma))
         for group in optimizer.param_groups:
@@ -151,13 +208,14 @@ def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int 
         if step % log_every == 0 or step == config.steps:
             history.append(float(np.mean(running)))
             running = []
-            elapsed = time.monotonic() - start
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f s (%.2f s/step)", step, config.steps, history[-1],
-                     learning_rate(step - 1, config), elapsed, elapsed / step)
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f min", step, config.steps, history[-1],
+                     learning_rate(step - 1, config), trained_minutes())
             if on_log is not None:
                 on_log(step, ema[0], ema[1], history)
+        if checkpoint and checkpoint_every and step % checkpoint_every == 0 and step < config.steps:
+            _save_checkpoint(checkpoint, step, parts, rng, history, config, unet_config, trained_minutes())
     ema_unet, ema_encoder = ema
-    return ema_unet.eval(), ema_encoder.eval(), step, history
+    return ema_unet.eval(), ema_encoder.eval(), step, history, trained_minutes()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,12 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="where to write the .safetensors file")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (sets the LR schedule)")
-    parser.add_argument("--minutes", type=float, default=None, help="wall-clock cap; stops early if reached")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="wall-clock cap of this invocation: writes the checkpoint and stops; rerun to continue")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--batch", type=int, default=defaults.batch)
-    parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="torch CPU threads (part of what makes the file reproducible)")
     parser.add_argument("--prediction", default=defaults.prediction, choices=("eps", "v"))
-    parser.add_argument("--save-every", type=int, default=0, help="also save the EMA every N steps (0 = end only)")
+    parser.add_argument("--checkpoint-every", type=int, default=250,
+                        help="write the resumable state to <out>.resume every N steps (0 = only at the cap)")
+    parser.add_argument("--snapshot-every", type=int, default=0,
+                        help="also write the EMA model to <out> every N steps, to inspect it while training")
     parser.add_argument("--model-channels", type=int, default=TOY_UNET.model_channels,
                         help="UNet width (a multiple of 16; heads grow with it, 16 channels each); "
                              "the shipped model is %(default)s")
@@ -182,23 +245,31 @@ def main(argv: list[str] | None = None) -> int:
     config = BaseTrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, threads=args.threads,
                              prediction=args.prediction)
     torch.set_num_threads(config.threads)
-    start = time.monotonic()
+    checkpoint = checkpoint_path(args.out)
 
-    def save(step, unet, encoder, history):
-        minutes = (time.monotonic() - start) / 60
+    def save(step, unet, encoder, history, minutes):
         meta = {"prediction": config.prediction, "seed": config.seed, "steps": step, "script": "toyworld.train_base",
                 "script_version": SCRIPT_VERSION, "train_config": json.dumps(asdict(config), sort_keys=True),
                 "torch": torch.__version__, "threads": config.threads, "train_minutes": f"{minutes:.1f}",
                 "final_loss": f"{history[-1]:.5f}" if history else "nan"}
         save_toy_model(args.out, unet, encoder, meta)
-        return minutes
 
-    def checkpoint(step, unet, encoder, history):
-        if args.save_every and step % args.save_every == 0:
-            save(step, unet, encoder, history)
+    def snapshot(step, unet, encoder, history):
+        if args.snapshot_every and step % args.snapshot_every == 0 and step < config.steps:
+            save(step, unet, encoder, history, float("nan"))
 
-    unet, encoder, done, history = train(config, args.minutes, on_log=checkpoint, unet_config=unet_config)
-    minutes = save(done, unet, encoder, history)
+    try:
+        unet, encoder, done, history, minutes = train(config, args.minutes, on_log=snapshot, unet_config=unet_config,
+                                                      checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
+    except ValueError as e:
+        parser.error(str(e))
+    if done < config.steps:
+        log.info("stopped after %d of %d steps (%.1f min in all); rerun the same command to continue",
+                 done, config.steps, minutes)
+        return 0
+    save(done, unet, encoder, history, minutes)
+    if os.path.isfile(checkpoint):
+        os.remove(checkpoint)
     log.info("saved %s after %d steps in %.1f min", args.out, done, minutes)
     return 0
 
