@@ -107,6 +107,26 @@ def test_minutes_cap_writes_the_checkpoint_and_the_same_command_continues(tmp_pa
     assert read_metadata(out)["steps"] == "2" and not os.path.exists(train_base.checkpoint_path(out))
 
 
+def test_a_round_continues_from_a_saved_base_and_records_the_chain(tmp_path):
+    first, second = str(tmp_path / "round1.safetensors"), str(tmp_path / "round2.safetensors")
+    small = ["--steps", "2", "--batch", "2", "--threads", "1"]
+    assert train_base.main(["--out", first] + small) == 0
+    assert train_base.main(["--out", second, "--init", first, "--seed", "1"] + small) == 0
+    meta = read_metadata(second)
+    assert meta["init"] == f"round1.safetensors ({train_base.init_digest(first)})"
+    assert meta["total_steps"] == "4" and meta["steps"] == "2"
+    start, _ = load_toy_model(first)
+    continued, _ = load_toy_model(second)
+    fresh = build_toy_model(TOY_UNET)[0]
+    moved = lambda a, b: sum(float((x - y).abs().sum()) for x, y in zip(a.parameters(), b.parameters()))
+    assert 0 < moved(continued, start) < moved(fresh, start)  # trained on from round 1, not from scratch
+    with pytest.raises(SystemExit):  # the run writes next to --out: it may not overwrite its start
+        train_base.main(["--out", first, "--init", first] + small)
+    config = train_base.BaseTrainConfig(steps=1, batch=2, threads=1, init="0" * 16)
+    with pytest.raises(ValueError, match="does not match"):
+        train_base.train(config, init_from=first)
+
+
 def test_high_noise_timesteps_are_drawn_more_often():
     denoiser = train_base.TorchDenoiser(torch.nn.Identity(), "v")
     g = torch.Generator().manual_seed(0)

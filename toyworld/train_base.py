@@ -1,6 +1,7 @@
 """Train the toy world's base model: designs and the TRAIN_TECHNIQUES embroideries, with prompts.
 
     python -m toyworld.train_base --out toy_base.safetensors [--steps N] [--threads T] [--minutes M]
+    python -m toyworld.train_base --out round2.safetensors --init toy_base.safetensors --seed 1 ...
 
 What it sees: flat designs prompted "a red circle blue star" and their embroideries in the twelve
 training techniques prompted "a red circle blue star in knot horizontal fine style" (a
@@ -21,12 +22,16 @@ the learning rate follows ``--steps``. Every ``--checkpoint-every`` steps the wh
 same command finds it and continues, and gives the same file as a run that was never stopped
 (same torch and thread count). ``--minutes`` caps the wall clock of one invocation: it then
 writes the checkpoint and stops, so a long training fits sessions of any length. The checkpoint
-is removed once the finished model is saved.
+is removed once the finished model is saved. ``--init`` starts a further round from a finished
+base model's weights (a fresh optimizer and schedule; give it another ``--seed`` so it sees new
+examples): the file records its start's name and digest and the steps and minutes of every
+round, so a base trained in rounds is rebuilt by running the rounds' commands in order.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -42,7 +47,7 @@ from embroidery_core.diffusion import TorchDenoiser, add_noise, diffusion_loss, 
 from embroidery_core.files import atomic_path
 from embroidery_core.tiny_unet import TinyUNetConfig
 from .generator import TRAIN_TECHNIQUES, make_design, render_embroidery
-from .model import IMAGE_SIZE, TOY_UNET, UNCOND, build_toy_model, save_toy_model, to_latent
+from .model import IMAGE_SIZE, TOY_UNET, UNCOND, build_toy_model, load_toy_model, read_metadata, save_toy_model, to_latent
 
 SCRIPT_VERSION = "2"
 TRAIN_DESIGN_SEEDS = 1_000_000  # designs 0..999999 train the base; evaluations draw above
@@ -69,6 +74,7 @@ class BaseTrainConfig:
     timestep_exponent: float = 0.75
     threads: int = 2
     prediction: str = "v"  # see the module docstring
+    init: str = ""  # digest of the base model this run continues from ("" = from scratch), see init_digest
 
 
 HEAD_CHANNELS = TOY_UNET.model_channels // TOY_UNET.heads  # 16
@@ -152,17 +158,39 @@ def _load_checkpoint(path: str, config: BaseTrainConfig, unet_config: TinyUNetCo
     return state
 
 
+def init_digest(path: str) -> str:
+    """First 16 hex digits of the SHA-256 of a base model file: what a continued run records."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int = 100, on_log=None,
-          unet_config: TinyUNetConfig = TOY_UNET, checkpoint: str | None = None, checkpoint_every: int = 0):
+          unet_config: TinyUNetConfig = TOY_UNET, checkpoint: str | None = None, checkpoint_every: int = 0,
+          init_from: str | None = None):
     """Returns the EMA (unet, encoder), the steps done, the mean loss per ``log_every`` steps and
     the minutes trained over all invocations.
 
     ``on_log(step, ema_unet, ema_encoder, history)`` is called after each log line.
     ``unet_config`` is the architecture (recorded in the saved file's metadata). With
     ``checkpoint``, training starts from that file if it exists and writes it every
-    ``checkpoint_every`` steps and when the ``minutes`` cap stops the run."""
+    ``checkpoint_every`` steps and when the ``minutes`` cap stops the run. ``init_from``
+    continues from the weights of a saved base model (``config.init`` must be its digest): a
+    longer training in rounds that each fit a session, every round one command."""
     torch.manual_seed(config.seed)
     unet, encoder = build_toy_model(unet_config)
+    if init_from is not None:
+        if init_digest(init_from) != config.init:
+            raise ValueError(f"{init_from} does not match the config's init digest {config.init!r}")
+        start_unet, start_encoder = load_toy_model(init_from)
+        if start_unet.cfg != unet_config:
+            raise ValueError(f"{init_from} has another architecture ({start_unet.cfg}) than {unet_config}")
+        unet.load_state_dict(start_unet.state_dict())
+        encoder.load_state_dict(start_encoder.state_dict())
+        unet.requires_grad_(True)
+        encoder.requires_grad_(True)
     ema = copy.deepcopy(torch.nn.ModuleList([unet, encoder])).requires_grad_(False)
     params = list(unet.parameters()) + list(encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -227,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="wall-clock cap of this invocation: writes the checkpoint and stops; rerun to continue")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="peak learning rate")
+    parser.add_argument("--init", default=None,
+                        help="continue from this base model file (its weights; give another --seed for new data)")
     parser.add_argument("--threads", type=int, default=defaults.threads,
                         help="torch CPU threads (part of what makes the file reproducible)")
     parser.add_argument("--prediction", default=defaults.prediction, choices=("eps", "v"))
@@ -242,8 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--model-channels must be a positive multiple of {HEAD_CHANNELS}, got {args.model_channels}")
     unet_config = wider(args.model_channels)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    if args.init and not os.path.isfile(args.init):
+        parser.error(f"--init {args.init}: no such file")
+    if args.init and os.path.abspath(args.init) == os.path.abspath(args.out):
+        parser.error("--out must differ from --init (the run writes snapshots and checkpoints next to --out)")
     config = BaseTrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, threads=args.threads,
-                             prediction=args.prediction)
+                             prediction=args.prediction, learning_rate=args.learning_rate,
+                             init=init_digest(args.init) if args.init else "")
+    before = read_metadata(args.init) if args.init else {}
     torch.set_num_threads(config.threads)
     checkpoint = checkpoint_path(args.out)
 
@@ -252,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                 "script_version": SCRIPT_VERSION, "train_config": json.dumps(asdict(config), sort_keys=True),
                 "torch": torch.__version__, "threads": config.threads, "train_minutes": f"{minutes:.1f}",
                 "final_loss": f"{history[-1]:.5f}" if history else "nan"}
+        if args.init:  # the chain of rounds: this one's start, and the steps and minutes of all so far
+            meta.update(init=f"{os.path.basename(args.init)} ({config.init})",
+                        total_steps=int(before.get("total_steps", before.get("steps", 0))) + step,
+                        total_train_minutes=f"{float(before.get('total_train_minutes', before.get('train_minutes', 0))) + minutes:.1f}")
         save_toy_model(args.out, unet, encoder, meta)
 
     def snapshot(step, unet, encoder, history):
@@ -260,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         unet, encoder, done, history, minutes = train(config, args.minutes, on_log=snapshot, unet_config=unet_config,
-                                                      checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)
+                                                      checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
+                                                      init_from=args.init)
     except ValueError as e:
         parser.error(str(e))
     if done < config.steps:
