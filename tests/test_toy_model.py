@@ -118,7 +118,7 @@ def test_a_round_continues_from_a_saved_base_and_records_the_chain(tmp_path):
     start, _ = load_toy_model(first)
     continued, _ = load_toy_model(second)
     fresh = build_toy_model(TOY_UNET)[0]
-    moved = lambda a, b: sum(float((x - y).abs().sum()) for x, y in zip(a.parameters(), b.parameters()))
+    moved = lambda a, b: sum(float((x - y).abs().sum().detach()) for x, y in zip(a.parameters(), b.parameters()))
     assert 0 < moved(continued, start) < moved(fresh, start)  # trained on from round 1, not from scratch
     with pytest.raises(SystemExit):  # the run writes next to --out: it may not overwrite its start
         train_base.main(["--out", first, "--init", first] + small)
