@@ -188,9 +188,7 @@ def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int 
         if start_unet.cfg != unet_config:
             raise ValueError(f"{init_from} has another architecture ({start_unet.cfg}) than {unet_config}")
         unet.load_state_dict(start_unet.state_dict())
-        encoder.load_state_dict(start_encoder.state_dict())
-        unet.requires_grad_(True)
-        encoder.requires_grad_(True)
+        encoder.load_state_dict(start_encoder.state_dict())  # loading keeps the fresh modules trainable
     ema = copy.deepcopy(torch.nn.ModuleList([unet, encoder])).requires_grad_(False)
     params = list(unet.parameters()) + list(encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
