@@ -183,7 +183,7 @@ def guarded(family: str, part: str, name: str, device: torch.device, fn):
 
 def make_trainer(core, denoiser, adapters, preset: str, compute_dtype):
     """A Trainer as the nodes build it; "default" leaves the optimizer to the Trainer."""
-    config = core.trainer.EmoLoRAConfig(rank=adapters.adapter(adapters.names[0]).rank)
+    config = core.methods.EmoLoRAConfig(rank=adapters.adapter(adapters.names[0]).rank)
     factory = None if preset == "default" else core.presets.get_memory_preset(preset).optimizer_factory
     return core.trainer.Trainer(denoiser, adapters, config, compute_dtype, optimizer_factory=factory)
 
@@ -209,9 +209,8 @@ def random_pairs(core, latent_shape, context_shape, y_width, device, seed=0):
 
 
 def iteration(core, trainer, stage: int, pair, generated):
-    if stage == 1:
-        return lambda: core.trainer.stage1_iteration(trainer, pair)
-    return lambda: core.trainer.stage2_iteration(trainer, pair, generated)
+    phase = core.methods.EMOLORA.phase(stage)
+    return lambda: core.trainer.iteration(trainer, phase, pair, generated if phase.generated else None)
 
 
 def measure_ours(cache: dict, step, stage: int, checkpointing: bool, settings, device) -> dict:
@@ -281,7 +280,7 @@ class _Core:
     """The core modules used here, imported once through the pack."""
 
     def __init__(self):
-        for name in ("adapters", "blocks", "diffusion", "lora_file", "presets", "trainer"):
+        for name in ("adapters", "blocks", "diffusion", "lora_file", "methods", "presets", "trainer"):
             setattr(self, name, pack(f"embroidery_core.{name}"))
 
 
@@ -492,7 +491,7 @@ class FamilyBench:
             measured = measure_ours(self.flops, iteration(core, trainer, stage, pair, generated), stage,
                                     uses_checkpointing(core, preset), self.s, self.b.device)
         if self.lora is None:
-            self.lora = core.trainer.export(trainer, self.arch.name, stage)  # for (c)
+            self.lora = core.trainer.export(trainer, self.arch.name, core.methods.EMOLORA, stage)  # for (c)
         return Row.of(self.family, "ours", f"stage {stage} {preset}", measured,
                       precision=str(trainer.compute_dtype or "model dtype"),
                       **ours_details(core, preset, adapters, stage))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import keys
 from .blocks import block_of
 from .lora_file import StyleLoRA, lora_from_modules
 
@@ -146,7 +147,7 @@ class AdapterSet(nn.Module):
                 a = self.adapter(n)
                 modules[n] = (a.down.detach().float().cpu().clone(), a.up.detach().float().cpu().clone(), a.alpha)
         meta = dict(metadata or {})
-        meta["embroidery.style_blocks"] = ",".join(self.style_blocks)
+        meta[keys.STYLE_BLOCKS] = ",".join(self.style_blocks)
         return lora_from_modules(arch, modules, meta)
 
     def load_style_lora(self, lora: StyleLoRA) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from . import keys
 from .blocks import normalize_block
 from .lora_file import LoRAModule, StyleLoRA
 
@@ -239,4 +240,4 @@ def mix_block_loras(parts: Sequence[tuple[StyleLoRA, Sequence[str], float]], alp
         if float(strength) != 0.0:
             scaled = selected.scaled({}, default=float(strength), alpha_squared=alpha_squared)
             modules.update(scaled.modules)
-    return StyleLoRA(arch, modules, {"embroidery.mix_blocks": ",".join(sorted(owner))})
+    return StyleLoRA(arch, modules, {keys.MIX_BLOCKS: ",".join(sorted(owner))})

@@ -35,6 +35,7 @@ from .blocks import (
     parse_block_list,
     underscores_to_dots,
 )
+from . import keys as meta_keys
 from .files import atomic_path
 
 try:  # one version string for the whole pack, once the package declares it
@@ -164,7 +165,7 @@ class StyleLoRA:
     @property
     def style_blocks(self) -> list[str]:
         """The style blocks the trainer that wrote this LoRA recorded (empty for other files)."""
-        return [b for b in self.metadata.get("embroidery.style_blocks", "").split(",") if b]
+        return [b for b in self.metadata.get(meta_keys.STYLE_BLOCKS, "").split(",") if b]
 
     @property
     def rank(self) -> int:
@@ -290,9 +291,9 @@ def kohya_metadata(lora: StyleLoRA) -> dict[str, str]:
         "ss_network_alpha": str(first.alpha if first is not None else 0.0),
         "ss_base_model_version": BASE_MODEL_VERSION[lora.arch],
         "modelspec.architecture": MODELSPEC_ARCHITECTURE[lora.arch],
-        "embroidery.pack_version": PACK_VERSION,
-        "embroidery.arch": lora.arch,
-        "embroidery.blocks": json.dumps(lora.blocks()),
+        meta_keys.PACK_VERSION: PACK_VERSION,
+        meta_keys.ARCH: lora.arch,
+        meta_keys.BLOCKS: json.dumps(lora.blocks()),
     })
     return metadata
 
@@ -476,14 +477,14 @@ def lora_from_state_dict(sd: dict[str, torch.Tensor], arch: str, metadata: dict[
         log.info("skipped %d text-encoder LoRA keys (the pack works on the UNet only)", keys.text_encoder)
     if keys.skipped:
         log.warning("skipped %d full-tensor .diff/.diff_b keys (norms and biases; not LoRA)", keys.skipped)
-        metadata["embroidery.skipped_keys"] = str(keys.skipped)
+        metadata[meta_keys.SKIPPED_KEYS] = str(keys.skipped)
     return StyleLoRA(arch, modules, metadata)
 
 
 def _arch_from_metadata(metadata: dict[str, str]) -> str | None:
     """The family written by the pack, kohya or modelspec; None if the file does not say."""
-    if metadata.get("embroidery.arch") in BASE_MODEL_VERSION:
-        return metadata["embroidery.arch"]
+    if metadata.get(meta_keys.ARCH) in BASE_MODEL_VERSION:
+        return metadata[meta_keys.ARCH]
     version = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
     if "sdxl" in version or "stable-diffusion-xl" in version:
         return "sdxl"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import Checkpointing
-from .trainer import EmoLoRAConfig, OptimizerFactory, adamw
+from .trainer import Config, OptimizerFactory, adamw
 
 OPTIMIZER_STATES = ("fp32", "cpu_offload")
 
@@ -82,7 +82,7 @@ def _synchronize(params: list[torch.Tensor]) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_offload_adamw(params: list[torch.nn.Parameter], config: EmoLoRAConfig) -> torch.optim.Optimizer:
+def cpu_offload_adamw(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
     return CPUOffloadAdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 

@@ -1,13 +1,20 @@
-"""EmoLoRA's two-stage trainer (METHODS.md section 1), independent of ComfyUI.
+"""The training engine, independent of ComfyUI: one loop for every method (METHODS.md).
 
-One iteration of stage 1 makes two optimizer steps with the same noise and timestep:
+A method is data (:class:`Method`): its phases, each a list of loss terms run in order with the
+same noise and timestep. A term names the adapter group that learns, the image of the pair that
+is noised, the prompt every block reads and, for EmoLoRA's router, the prompt the style blocks
+read instead. :func:`run_phase` drives any phase; :func:`export` writes the trained LoRA with
+the method, phase and step in its metadata, and :func:`resume_point` reads them back. The
+methods themselves (EmoLoRA's two stages, the one-image LoRA recipes) are defined in
+``methods.py``.
+
+EmoLoRA's stage 1, for example, makes two optimizer steps per iteration:
 (a) the design loss on the flat design, updating the whole LoRA theta_a;
 (b) the embroidery loss on the reference, updating only the style blocks theta_e, while the
     style blocks' cross-attention reads the embroidery prompt and every other block the
     design prompt (the prompt router).
-Stage 2 adds generated pairs (weight 0.1) and a third, contrastive step (see
-:func:`stage2_iteration`). The global step counts iterations over both stages, so stage 2 of
-the official schedule runs from 400 to 600.
+The global step counts iterations over all phases, so stage 2 of the official schedule runs
+from 400 to 600.
 
 The caller owns the model: it installs ``adapters`` (ComfyUI: object patches on a clone;
 plain torch: :func:`adapters.installed`) and calls these functions inside that scope. Nothing
@@ -20,32 +27,14 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from .adapters import AdapterSet
+from . import keys
 from .blocks import block_of, block_sort_key
 from .diffusion import Cond, Denoiser, add_noise, contrastive_loss, denoised, diffusion_loss, target
-
-
-@dataclass
-class EmoLoRAConfig:
-    """Every default of the method in one place (official code unless noted)."""
-
-    rank: int = 32
-    alpha: float = 32.0
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-2
-    stage1_iterations: int = 400
-    stage2_iterations: int = 200          # the official run stops at global step 600
-    generated_weight: float = 0.1         # weight of a generated pair next to the reference
-    contrastive_weight: float = 1e-4
-    tau: float = 1.0
-    seed: int = 42
-
-    def metadata(self) -> dict[str, str]:
-        return {f"embroidery.{k}": str(v) for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -62,16 +51,26 @@ class PairLatents:
     design_cond: Cond
     embroidery_cond: Cond
 
+    def image(self, name: str) -> torch.Tensor:
+        """``design`` or ``embroidery``: the latent a loss term noises."""
+        return {"design": self.design, "embroidery": self.embroidery}[name]
+
+    def cond(self, name: str) -> Cond:
+        """``design`` or ``embroidery``: the prompt a loss term reads."""
+        return {"design": self.design_cond, "embroidery": self.embroidery_cond}[name]
+
     @staticmethod
     def batch(pairs: list["PairLatents"]) -> "PairLatents":
         return PairLatents(torch.cat([p.design for p in pairs]), torch.cat([p.embroidery for p in pairs]),
                            Cond.cat([p.design_cond for p in pairs]), Cond.cat([p.embroidery_cond for p in pairs]))
 
 
-OptimizerFactory = Callable[[list[torch.nn.Parameter], EmoLoRAConfig], torch.optim.Optimizer]
+# A method's config: a dataclass with at least learning_rate, weight_decay and seed (methods.py).
+Config = Any
+OptimizerFactory = Callable[[list[torch.nn.Parameter], Config], torch.optim.Optimizer]
 
 
-def adamw(params: list[torch.nn.Parameter], config: EmoLoRAConfig) -> torch.optim.Optimizer:
+def adamw(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
     """The method's optimizer: plain AdamW, state on the parameters' device."""
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
@@ -82,15 +81,16 @@ class Trainer:
 
     denoiser: Denoiser
     adapters: AdapterSet
-    config: EmoLoRAConfig
+    config: Config
     compute_dtype: torch.dtype | None = None   # autocast dtype; None = the model's own
     step: int = 0
     optimizer_factory: OptimizerFactory | None = None  # None = adamw; presets.MemoryPreset swaps it
     optimizer: torch.optim.Optimizer = field(init=False)
     last_x0: torch.Tensor | None = field(init=False, default=None)  # for previews
-    # Blocks whose adapters actually received a gradient, per kind of step ("all" = design,
-    # "style" = embroidery and contrastive): written to the file so anyone can check it.
-    updated_blocks: dict[str, set[str]] = field(init=False, default_factory=lambda: {"all": set(), "style": set()})
+    # Blocks whose adapters actually received a gradient, per trainable group (EmoLoRA: "all" in
+    # its design steps, "style" in its embroidery and contrastive steps): written to the file
+    # under the method's labels, so anyone can check it.
+    updated_blocks: dict[str, set[str]] = field(init=False, default_factory=dict)
 
     def __post_init__(self):
         # One optimizer for all adapters: a step whose frozen adapters have no gradient
@@ -136,7 +136,7 @@ class Trainer:
     def _record_updated(self, trainable: str) -> None:
         for name in self.adapters.names:
             if any(p.grad is not None for p in self.adapters.adapter(name).parameters()):
-                self.updated_blocks[trainable].add(block_of(name))
+                self.updated_blocks.setdefault(trainable, set()).add(block_of(name))
 
 
 def _draw(trainer: Trainer, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,81 +157,121 @@ def _step_loss(trainer: Trainer, trainable: str, x0, noise, sigma, cond, routed=
         return trainer.update(trainable, loss)
 
 
-def stage1_iteration(trainer: Trainer, pair: PairLatents) -> dict[str, torch.Tensor]:
-    """Design step (theta_a) then embroidery step (theta_e, routed), same noise and t."""
-    noise, sigma = _draw(trainer, pair.design)
-    design = _step_loss(trainer, "all", pair.design, noise, sigma, pair.design_cond)
-    embroidery = _step_loss(trainer, "style", pair.embroidery, noise, sigma, pair.design_cond,
-                            routed=pair.embroidery_cond)
-    trainer.step += 1
-    return {"design": design, "embroidery": embroidery}
+# ---------------------------------------------------------------------------- methods as data
+
+@dataclass(frozen=True)
+class DiffusionTerm:
+    """One optimizer step of an iteration: the diffusion loss on one image of the pair.
+
+    ``trainable`` is the adapter group that learns (``AdapterSet.set_trainable``); ``image`` and
+    ``prompt`` name a field of :class:`PairLatents` ("design" or "embroidery"); with ``routed``,
+    the style blocks' cross-attention reads that prompt instead (EmoLoRA's router). The term
+    runs from global step ``start`` on (Pair Customization's style step starts late).
+    """
+
+    name: str
+    trainable: str
+    image: str
+    prompt: str = "design"
+    routed: str | None = None
+    start: int = 0
+
+    def __call__(self, trainer: Trainer, batch: PairLatents, noise, sigma, weights) -> torch.Tensor:
+        routed = None if self.routed is None else batch.cond(self.routed)
+        return _step_loss(trainer, self.trainable, batch.image(self.image), noise, sigma, batch.cond(self.prompt),
+                          routed=routed, weights=weights)
 
 
-def stage2_iteration(trainer: Trainer, pair: PairLatents, generated: PairLatents) -> dict[str, torch.Tensor]:
-    """Stage 2: the reference pair and one generated pair in one batch, three steps.
-
-    1. L_des(ref) + w * L_des(gen), theta_a.  2. L_emb(ref) + w * L_emb(gen), theta_e, routed.
-    3. Contrastive step on the noised design latents z, theta_e only:
-       eps_des = eps_{0+a}(z, c_des) - eps_0(z, c_des), and
-       eps_emb = eps_{0+a}(z, routed c_emb) - eps_0(z, routed c_emb); eps* = eps_emb - eps_des.
+@dataclass(frozen=True)
+class ContrastiveTerm:
+    """EmoLoRA stage 2's third step, on the noised design latents z, style blocks only:
+    eps_des = eps_{0+a}(z, c_des) - eps_0(z, c_des), and
+    eps_emb = eps_{0+a}(z, routed c_emb) - eps_0(z, routed c_emb); eps* = eps_emb - eps_des.
 
     "Self-knowledge distillation" here: the model is its own teacher. eps_des, and both base
     predictions, come from the current model under ``no_grad``; they are targets the style
     residual eps* is measured against, never trained through. Only eps_{0+a}(z, routed c_emb)
-    carries gradients, into the style blocks. Six UNet passes per iteration, three with
-    gradients.
+    carries gradients, into the style blocks. Weight and temperature: the config's
+    ``contrastive_weight`` and ``tau``.
     """
-    batch = PairLatents.batch([pair, generated])
-    weights = torch.tensor([1.0, trainer.config.generated_weight])
+
+    name: str = "contrastive"
+    trainable: str = "style"
+    start: int = 0
+
+    def __call__(self, trainer: Trainer, batch: PairLatents, noise, sigma, weights) -> torch.Tensor:
+        z = add_noise(trainer.denoiser.prediction, batch.design, noise, sigma)
+        with torch.no_grad():
+            eps_des = (trainer.predict(z, sigma, batch.design_cond)
+                       - trainer.predict(z, sigma, batch.design_cond, lora=False)).float()
+            emb_base = trainer.predict(z, sigma, batch.design_cond, routed=batch.embroidery_cond, lora=False).float()
+        trainer.adapters.set_trainable(self.trainable)
+        with trainer.adapters.routed(batch.embroidery_cond.context):
+            eps_emb = trainer.predict(z, sigma, batch.design_cond, routed=batch.embroidery_cond).float() - emb_base
+            loss = trainer.config.contrastive_weight * contrastive_loss(eps_emb - eps_des, eps_des, trainer.config.tau)
+            return trainer.update(self.trainable, loss)
+
+
+Term = DiffusionTerm | ContrastiveTerm
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a method: the terms of each iteration, in order, with the same noise and
+    timestep. With ``generated``, each iteration batches the reference pair with one generated
+    pair, weighted 1 and the config's ``generated_weight`` (EmoLoRA's stage 2)."""
+
+    number: int
+    terms: tuple[Term, ...]
+    generated: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method as data: its name in the file, its phases, and the label under which
+    each adapter group's updated blocks are recorded (``embroidery.updated_blocks.<label>``)."""
+
+    name: str
+    phases: tuple[Phase, ...]
+    labels: tuple[tuple[str, str], ...]
+
+    def phase(self, number: int) -> Phase:
+        for phase in self.phases:
+            if phase.number == number:
+                return phase
+        raise ValueError(f"{self.name} has no phase {number} (phases: {[p.number for p in self.phases]})")
+
+
+# ---------------------------------------------------------------------------- the one loop
+
+def iteration(trainer: Trainer, phase: Phase, pair: PairLatents,
+              generated: PairLatents | None = None) -> dict[str, torch.Tensor]:
+    """One iteration of ``phase``: its terms in order, one noise draw and timestep for all."""
+    batch, weights = pair, None
+    if phase.generated:
+        if generated is None:
+            raise ValueError(f"phase {phase.number} trains on generated pairs; none was given")
+        batch = PairLatents.batch([pair, generated])
+        weights = torch.tensor([1.0, trainer.config.generated_weight])
     noise, sigma = _draw(trainer, batch.design)
-    design = _step_loss(trainer, "all", batch.design, noise, sigma, batch.design_cond, weights=weights)
-    embroidery = _step_loss(trainer, "style", batch.embroidery, noise, sigma, batch.design_cond,
-                            routed=batch.embroidery_cond, weights=weights)
-    z = add_noise(trainer.denoiser.prediction, batch.design, noise, sigma)
-    with torch.no_grad():
-        eps_des = (trainer.predict(z, sigma, batch.design_cond)
-                   - trainer.predict(z, sigma, batch.design_cond, lora=False)).float()
-        emb_base = trainer.predict(z, sigma, batch.design_cond, routed=batch.embroidery_cond, lora=False).float()
-    trainer.adapters.set_trainable("style")
-    with trainer.adapters.routed(batch.embroidery_cond.context):
-        eps_emb = trainer.predict(z, sigma, batch.design_cond, routed=batch.embroidery_cond).float() - emb_base
-        loss = trainer.config.contrastive_weight * contrastive_loss(eps_emb - eps_des, eps_des, trainer.config.tau)
-        contrastive = trainer.update("style", loss)
+    losses = {term.name: term(trainer, batch, noise, sigma, weights)
+              for term in phase.terms if trainer.step >= term.start}
     trainer.step += 1
-    return {"design": design, "embroidery": embroidery, "contrastive": contrastive}
-
-
-def single_prompt_iteration(trainer: Trainer, x0: torch.Tensor, cond: Cond) -> dict[str, torch.Tensor]:
-    """One DreamBooth-style step, as B-LoRA and a plain LoRA train: the diffusion loss on ``x0``
-    with one prompt in every block, every adapter trains (no design step, no routing)."""
-    noise, sigma = _draw(trainer, x0)
-    loss = _step_loss(trainer, "all", x0, noise, sigma, cond)
-    trainer.step += 1
-    return {"loss": loss}
+    return losses
 
 
 StepCallback = Callable[[int, int, dict[str, torch.Tensor]], None]
 
 
-def run_stage1(trainer: Trainer, pair: PairLatents, until: int, on_step: StepCallback | None = None):
-    """Iterate stage 1 until the global step reaches ``until``; returns the losses per step."""
+def run_phase(trainer: Trainer, phase: Phase, pair: PairLatents, until: int,
+              generated: list[PairLatents] | None = None, on_step: StepCallback | None = None):
+    """Iterate ``phase`` until the global step reaches ``until``; returns the losses per step.
+    A phase with generated pairs cycles through ``generated``, one per iteration."""
+    if phase.generated and not generated:
+        raise ValueError(f"phase {phase.number} needs at least one generated pair")
     history = []
     while trainer.step < until:
-        losses = stage1_iteration(trainer, pair)
-        history.append(losses)
-        if on_step is not None:
-            on_step(trainer.step, until, losses)
-    return history
-
-
-def run_stage2(trainer: Trainer, pair: PairLatents, generated: list[PairLatents], until: int,
-               on_step: StepCallback | None = None):
-    """Iterate stage 2 until the global step reaches ``until``, cycling the generated pairs."""
-    if not generated:
-        raise ValueError("stage 2 needs at least one generated pair")
-    history = []
-    while trainer.step < until:
-        losses = stage2_iteration(trainer, pair, generated[trainer.step % len(generated)])
+        losses = iteration(trainer, phase, pair, generated[trainer.step % len(generated)] if phase.generated else None)
         history.append(losses)
         if on_step is not None:
             on_step(trainer.step, until, losses)
@@ -250,11 +290,11 @@ def loss_map(history: list[dict[str, torch.Tensor]]) -> dict[str, list[float]]:
 
 # ---------------------------------------------------------------------------- files and resume
 
-RUN_ID_KEY = "embroidery.run_id"
+RUN_ID_KEY = keys.RUN_ID
 # Metadata that does not change what a run learns: a resumed run with more iterations is the same
 # run, and so is the record of what it updated so far, which a resumed run carries in.
-_NOT_IDENTITY = ("embroidery.stage1_iterations", "embroidery.stage2_iterations", "embroidery.memory_preset",
-                 RUN_ID_KEY)
+_NOT_IDENTITY = (keys.config_key("stage1_iterations"), keys.config_key("stage2_iterations"),
+                 keys.config_key("iterations"), keys.MEMORY_PRESET, keys.RUN_ID)
 
 
 def run_identity(tensors: list[torch.Tensor], settings: dict[str, str]) -> str:
@@ -264,7 +304,7 @@ def run_identity(tensors: list[torch.Tensor], settings: dict[str, str]) -> str:
     same trigger word never overwrite each other's files, while a resumed run (same inputs) keeps
     writing its own."""
     settings = {k: v for k, v in settings.items()
-                if k not in _NOT_IDENTITY and not k.startswith("embroidery.updated_blocks.")}
+                if k not in _NOT_IDENTITY and not k.startswith(keys.UPDATED_BLOCKS)}
     digest = hashlib.sha256()
     for tensor in tensors:
         t = tensor.detach().to("cpu", torch.float32).contiguous()
@@ -290,15 +330,23 @@ def check_losses(step: int, losses: dict[str, torch.Tensor]) -> None:
                          "the last checkpoint is kept. Lower the learning rate, or use precision fp32")
 
 
-def export(trainer: Trainer, arch: str, stage: int, metadata: dict[str, str] | None = None):
-    """The trained LoRA with everything needed to use or resume it in its metadata; ValueError
-    if the weights have diverged to NaN/inf (a checkpoint never overwrites a good one with them)."""
-    meta = {**trainer.config.metadata(), **(metadata or {}),
-            "embroidery.method": "emolora", "embroidery.stage": str(stage), "embroidery.step": str(trainer.step)}
-    for kind, key in (("all", "design"), ("style", "embroidery")):
-        previous = [b for b in meta.get(f"embroidery.updated_blocks.{key}", "").split(",") if b]
-        blocks = set(previous) | trainer.updated_blocks[kind]
-        meta[f"embroidery.updated_blocks.{key}"] = ",".join(sorted(blocks, key=block_sort_key))
+def config_metadata(config: Config) -> dict[str, str]:
+    """Every field of a method's config as ``embroidery.<field>``."""
+    return {keys.config_key(k): str(v) for k, v in asdict(config).items()}
+
+
+def export(trainer: Trainer, arch: str, method: Method, stage: int, metadata: dict[str, str] | None = None):
+    """The trained LoRA with everything needed to use or resume it in its metadata: the config,
+    ``metadata``, the method, phase and step, and the blocks each adapter group updated (merged
+    with what an earlier run recorded). ValueError if the weights have diverged to NaN/inf (a
+    checkpoint never overwrites a good one with them)."""
+    meta = {**config_metadata(trainer.config), **(metadata or {}),
+            keys.METHOD: method.name, keys.STAGE: str(stage), keys.STEP: str(trainer.step)}
+    for group, label in method.labels:
+        key = keys.updated_blocks_key(label)
+        previous = [b for b in meta.get(key, "").split(",") if b]
+        blocks = set(previous) | trainer.updated_blocks.get(group, set())
+        meta[key] = ",".join(sorted(blocks, key=block_sort_key))
     lora = trainer.adapters.to_style_lora(arch, meta)
     diverged = lora.non_finite()
     if diverged:
@@ -307,62 +355,34 @@ def export(trainer: Trainer, arch: str, stage: int, metadata: dict[str, str] | N
     return lora
 
 
-def resume_point(lora) -> tuple[int, int]:
-    """(stage, global step) of a LoRA this trainer wrote; read from metadata, never the name."""
+def resume_point(lora, method: Method | None = None) -> tuple[int, int]:
+    """(phase, global step) of a LoRA a trainer of this pack wrote; read from metadata, never the
+    name. With ``method``, the file must have been written by that method."""
     meta = lora.metadata
     try:
-        return int(meta["embroidery.stage"]), int(meta["embroidery.step"])
+        stage, step = int(meta[keys.STAGE]), int(meta[keys.STEP])
     except (KeyError, ValueError):
         raise ValueError("this LoRA has no training state (embroidery.stage / embroidery.step metadata); "
-                         "resume only from a file written by EmbroideryTrainStage1/2 or their checkpoints") from None
+                         "resume only from a file written by one of this pack's trainers or their checkpoints") from None
+    written_by = meta.get(keys.METHOD, "")
+    if method is not None and written_by != method.name:
+        raise ValueError(f"this LoRA was written by the {written_by or 'unknown'} trainer, not {method.name}; "
+                         "resume it in the trainer that wrote it")
+    return stage, step
 
 
 class Checkpointer:
     """Saves the LoRA every ``every`` steps (atomically, via ``save``) so a crash or a Cancel
     loses at most ``every`` steps; the file always holds a complete, resumable state."""
 
-    def __init__(self, trainer: Trainer, arch: str, stage: int, save: Callable, every: int,
+    def __init__(self, trainer: Trainer, arch: str, method: Method, stage: int, save: Callable, every: int,
                  metadata: dict[str, str] | None = None):
-        self.trainer, self.arch, self.stage, self.save, self.every = trainer, arch, stage, save, every
+        self.trainer, self.arch, self.method, self.stage = trainer, arch, method, stage
+        self.save, self.every = save, every
         self.metadata = metadata or {}
         self.saved: list[int] = []
 
     def __call__(self, step: int, total: int, losses) -> None:
         if self.every > 0 and (step % self.every == 0 or step == total):
-            self.save(export(self.trainer, self.arch, self.stage, self.metadata))
+            self.save(export(self.trainer, self.arch, self.method, self.stage, self.metadata))
             self.saved.append(step)
-
-
-# ---------------------------------------------------------------------------- the whole pipeline
-
-def train_emolora(denoiser: Denoiser, unet: torch.nn.Module, pair: PairLatents, style_blocks: list[str], arch,
-                  config: EmoLoRAConfig = EmoLoRAConfig(),
-                  generate: Callable[[AdapterSet], list[PairLatents]] | None = None,
-                  on_step: StepCallback | None = None, compute_dtype: torch.dtype | None = None,
-                  gradient_checkpointing: bool = False, metadata: dict[str, str] | None = None):
-    """EmoLoRA from one pair on a plain torch UNet: stage 1, then (if ``generate`` is given)
-    the complementary pairs it returns, sampled while the stage-1 LoRA is installed, and stage 2.
-
-    Returns (the LoRA with its training state in metadata, the loss curves). The ComfyUI
-    trainer nodes run the same Trainer and stage functions on ComfyUI's model.
-    """
-    from .adapters import Checkpointing, installed, linear_targets
-
-    adapters = AdapterSet(linear_targets(unet, arch.attention_modules()), style_blocks, config.rank, config.alpha,
-                          seed=config.seed)
-    trainer = Trainer(denoiser, adapters, config, compute_dtype)
-    history = []
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(installed(unet, adapters))
-        if gradient_checkpointing:
-            stack.enter_context(installed(unet, Checkpointing(unet)))
-        history += run_stage1(trainer, pair, config.stage1_iterations, on_step)
-        stage = 1
-        if generate is not None and config.stage2_iterations > 0:
-            with torch.no_grad():
-                generated = generate(adapters)
-            history += run_stage2(trainer, pair, generated, config.stage1_iterations + config.stage2_iterations,
-                                  on_step)
-            stage = 2
-    meta = {**(metadata or {}), "embroidery.style_blocks": ",".join(style_blocks)}
-    return export(trainer, arch.name, stage, meta), loss_map(history)

@@ -8,7 +8,8 @@ from embroidery_core.adapters import AdapterSet, Checkpointing, installed, linea
 from embroidery_core.diffusion import Cond, TorchDenoiser
 from embroidery_core.presets import (DEFAULT_MEMORY_PRESET, MEMORY_PRESETS, CPUOffloadAdamW, MemoryPreset,
                                      get_memory_preset)
-from embroidery_core.trainer import EmoLoRAConfig, PairLatents, Trainer, stage1_iteration
+from embroidery_core.methods import EMOLORA, EmoLoRAConfig
+from embroidery_core.trainer import PairLatents, Trainer, iteration
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -40,7 +41,7 @@ def train(unet, preset, iterations=2):
     """Losses and final adapter weights of a few stage-1 iterations with the preset's wrappers."""
     trainer = make_trainer(unet, preset)
     with installed_all(unet, preset.providers(trainer.adapters, unet)):
-        losses = [stage1_iteration(trainer, make_pair()) for _ in range(iterations)]
+        losses = [iteration(trainer, EMOLORA.phase(1), make_pair()) for _ in range(iterations)]
     return losses, [p.detach().clone() for p in trainer.adapters.parameters()]
 
 
@@ -92,7 +93,7 @@ def test_checkpointing_recomputes_blocks_in_backward(tiny_unet):
             preset = get_memory_preset(name)
             trainer = make_trainer(tiny_unet, preset)
             with installed_all(tiny_unet, preset.providers(trainer.adapters, tiny_unet)):
-                stage1_iteration(trainer, make_pair())
+                iteration(trainer, EMOLORA.phase(1), make_pair())
             counts[name] = len(calls)
     finally:
         hook.remove()

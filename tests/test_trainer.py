@@ -4,9 +4,23 @@ import torch
 
 from embroidery_core.adapters import AdapterSet, installed, linear_targets
 from embroidery_core.diffusion import Cond, TorchDenoiser, add_noise, diffusion_loss, target
-from embroidery_core.trainer import (Checkpointer, EmoLoRAConfig, PairLatents, Trainer, _step_loss, export,
-                                     loss_map, resume_point, run_stage1, run_stage2, single_prompt_iteration,
-                                     stage1_iteration)
+from embroidery_core.methods import EMOLORA, LORA, EmoLoRAConfig
+from embroidery_core.trainer import (Checkpointer, PairLatents, Trainer, _step_loss, export, iteration, loss_map,
+                                     resume_point, run_phase)
+
+STAGE1, STAGE2 = EMOLORA.phase(1), EMOLORA.phase(2)
+
+
+def stage1_iteration(trainer, pair):
+    return iteration(trainer, STAGE1, pair)
+
+
+def run_stage1(trainer, pair, until, on_step=None):
+    return run_phase(trainer, STAGE1, pair, until, on_step=on_step)
+
+
+def run_stage2(trainer, pair, generated, until):
+    return run_phase(trainer, STAGE2, pair, until, generated)
 
 STYLE = ["input_blocks.5.1", "input_blocks.7.1", "output_blocks.1.1", "output_blocks.2.1"]
 
@@ -73,7 +87,7 @@ def test_single_prompt_step_trains_every_adapter_on_the_reference(tiny_unet):
     trainer, pair = make_trainer(tiny_unet), make_pair()
     before = snapshot(trainer.adapters)
     with installed(tiny_unet, trainer.adapters):
-        losses = single_prompt_iteration(trainer, pair.embroidery, pair.embroidery_cond)
+        losses = iteration(trainer, LORA.phase(1), pair)
     assert changed(before, trainer.adapters) == set(trainer.adapters.names)
     assert trainer.step == 1 and torch.isfinite(losses["loss"])
 
@@ -152,7 +166,7 @@ def test_cancel_stops_within_one_step_and_checkpoint_is_complete(tiny_unet, tmp_
     trainer = make_trainer(tiny_unet)
     pair = make_pair()
     path = tmp_path / "ckpt.safetensors"
-    checkpoint = Checkpointer(trainer, "sdxl", 1, lambda lora: save_lora(lora, path), every=2)
+    checkpoint = Checkpointer(trainer, "sdxl", EMOLORA, 1, lambda lora: save_lora(lora, path), every=2)
 
     class Cancelled(Exception):
         pass
@@ -177,7 +191,7 @@ def test_resume_continues_step_count_and_weights(tiny_unet, tmp_path):
     first = make_trainer(tiny_unet)
     with installed(tiny_unet, first.adapters):
         run_stage1(first, pair, until=3)
-    path = save_lora(export(first, "sdxl", 1, {"embroidery.trigger": "emb"}), tmp_path / "a.safetensors")
+    path = save_lora(export(first, "sdxl", EMOLORA, 1, {"embroidery.trigger": "emb"}), tmp_path / "a.safetensors")
 
     lora = load_lora(path, arch="sdxl")
     stage, step = resume_point(lora)
@@ -189,14 +203,14 @@ def test_resume_continues_step_count_and_weights(tiny_unet, tmp_path):
     with installed(tiny_unet, second.adapters):
         history = run_stage1(second, pair, until=5)
     assert (stage, step) == (1, 3) and len(history) == 2 and second.step == 5
-    assert export(second, "sdxl", 1).metadata["embroidery.step"] == "5"
+    assert export(second, "sdxl", EMOLORA, 1).metadata["embroidery.step"] == "5"
 
 
 def test_adapters_rebuilt_from_a_lora_hold_its_weights_and_style_blocks(tiny_unet):
     first = make_trainer(tiny_unet)
     with installed(tiny_unet, first.adapters):
         run_stage1(first, make_pair(), until=2)
-    lora = export(first, "sdxl", 1).filter_blocks(STYLE[:2] + ["middle_block.1"])
+    lora = export(first, "sdxl", EMOLORA, 1).filter_blocks(STYLE[:2] + ["middle_block.1"])
     rebuilt = AdapterSet.from_style_lora(tiny_unet, lora)
     assert rebuilt.names == sorted(lora.modules) and rebuilt.style_blocks == STYLE
     for name in rebuilt.names:
@@ -240,17 +254,17 @@ def test_file_records_which_blocks_each_step_updated(tiny_unet):
     with installed(tiny_unet, trainer.adapters):
         run_stage1(trainer, pair, until=2)
         run_stage2(trainer, pair, generated, until=3)
-    meta = export(trainer, "sdxl", 2).metadata
+    meta = export(trainer, "sdxl", EMOLORA, 2).metadata
     assert meta["embroidery.updated_blocks.embroidery"].split(",") == STYLE
     assert meta["embroidery.updated_blocks.design"].split(",") == tiny_unet.cfg.arch().attention_blocks()
     # a resumed run keeps what the earlier file recorded
     fresh = make_trainer(tiny_unet)
-    merged = export(fresh, "sdxl", 2, {"embroidery.updated_blocks.embroidery": "input_blocks.5.1"}).metadata
+    merged = export(fresh, "sdxl", EMOLORA, 2, {"embroidery.updated_blocks.embroidery": "input_blocks.5.1"}).metadata
     assert merged["embroidery.updated_blocks.embroidery"] == "input_blocks.5.1"
 
 
 def test_train_emolora_pipeline_runs_both_stages(tiny_unet):
-    from embroidery_core.trainer import train_emolora
+    from embroidery_core.methods import train_emolora
 
     arch = tiny_unet.cfg.arch()
     calls = []
@@ -267,6 +281,48 @@ def test_train_emolora_pipeline_runs_both_stages(tiny_unet):
     assert set(lora.blocks()) == set(arch.attention_blocks()) and lora.metadata["embroidery.trigger"] == "emb"
     assert len(losses["loss"]) == 3 and "contrastive" in losses
     assert not any("forward" in m.__dict__ for m in tiny_unet.modules())  # uninstalled afterwards
+
+
+def test_a_term_runs_from_its_start_step(tiny_unet):
+    """A method is data: a term with ``start`` joins the iteration at that global step (Pair
+    Customization's style step), the others run from the first."""
+    from embroidery_core.trainer import DiffusionTerm, Phase
+
+    late = DiffusionTerm("style", trainable="style", image="embroidery", prompt="embroidery", start=2)
+    phase = Phase(1, (DiffusionTerm("content", trainable="all", image="design"), late))
+    trainer = make_trainer(tiny_unet)
+    with installed(tiny_unet, trainer.adapters):
+        history = run_phase(trainer, phase, make_pair(), until=4)
+    assert [sorted(h) for h in history] == [["content"], ["content"], ["content", "style"], ["content", "style"]]
+    assert trainer.updated_blocks["style"] == set(STYLE)
+
+
+def test_a_generated_phase_without_generated_pairs_is_refused(tiny_unet):
+    trainer = make_trainer(tiny_unet)
+    with pytest.raises(ValueError, match="phase 2 needs at least one generated pair"):
+        run_phase(trainer, STAGE2, make_pair(), until=3, generated=[])
+
+
+def test_one_image_lora_trains_only_its_blocks_and_records_them(tiny_unet):
+    from embroidery_core.methods import LoRAConfig, train_lora
+
+    arch = tiny_unet.cfg.arch()
+    blocks = STYLE[2:]
+    lora, losses = train_lora(TorchDenoiser(tiny_unet), tiny_unet, make_pair(), blocks, arch,
+                              LoRAConfig(rank=2, alpha=2, learning_rate=1e-3, iterations=3))
+    assert lora.blocks() == blocks and len(losses["loss"]) == 3
+    assert lora.metadata["embroidery.method"] == "lora" and lora.metadata["embroidery.step"] == "3"
+    assert lora.metadata["embroidery.updated_blocks.reference"].split(",") == blocks
+    assert lora.metadata["embroidery.iterations"] == "3" and lora.metadata["embroidery.rank"] == "2"
+    assert resume_point(lora, LORA) == (1, 3)
+
+
+def test_resume_refuses_a_file_another_method_wrote(tiny_unet):
+    trainer = make_trainer(tiny_unet)
+    lora = export(trainer, "sdxl", EMOLORA, 1)
+    assert resume_point(lora, EMOLORA) == (1, 0)
+    with pytest.raises(ValueError, match="written by the emolora trainer, not lora; resume it in the trainer"):
+        resume_point(lora, LORA)
 
 
 # ---------------------------------------------------------------------------- runs a user can get wrong
@@ -301,11 +357,11 @@ def test_a_diverged_run_is_stopped_and_never_exported(tiny_unet):
     with pytest.raises(ValueError, match=r"training diverged at step 7 \(design nan\)"):
         check_losses(7, {"design": torch.tensor(float("nan")), "embroidery": torch.tensor(0.1)})
     trainer = make_trainer(tiny_unet)
-    export(trainer, "sdxl", 1)  # finite: fine
+    export(trainer, "sdxl", EMOLORA, 1)  # finite: fine
     with torch.no_grad():
         trainer.adapters.adapter(trainer.adapters.names[0]).up.fill_(float("inf"))
     with pytest.raises(ValueError, match="training diverged by step 0: 1 LoRA modules hold NaN or inf"):
-        export(trainer, "sdxl", 1)
+        export(trainer, "sdxl", EMOLORA, 1)
 
 
 def test_a_checkpoint_never_overwrites_a_good_file_with_a_diverged_state(tiny_unet, tmp_path):
@@ -313,7 +369,7 @@ def test_a_checkpoint_never_overwrites_a_good_file_with_a_diverged_state(tiny_un
 
     trainer = make_trainer(tiny_unet)
     path = tmp_path / "ckpt.safetensors"
-    checkpoint = Checkpointer(trainer, "sdxl", 1, lambda lora: save_lora(lora, path), every=1)
+    checkpoint = Checkpointer(trainer, "sdxl", EMOLORA, 1, lambda lora: save_lora(lora, path), every=1)
     checkpoint(1, 10, {})
     good = path.read_bytes()
     with torch.no_grad():

@@ -43,12 +43,12 @@ import time
 import numpy as np
 import torch
 
-from embroidery_core.adapters import AdapterSet, installed, linear_targets
 from embroidery_core.files import write_text
 from embroidery_core.lora_file import StyleLoRA
+from embroidery_core.methods import LoRAConfig, train_lora
 from embroidery_core.pair import embroidery_prompt
 from embroidery_core.provenance import git_commit
-from embroidery_core.trainer import PairLatents, Trainer, single_prompt_iteration
+from embroidery_core.trainer import PairLatents
 from . import demo
 from .classifier import load_classifier, predict
 from .demo import ARCH, METRIC_KEYS, STAGE2_SUBJECTS, ToyRunConfig
@@ -86,16 +86,13 @@ log = logging.getLogger("toyworld.benchmark")
 def train_single_prompt(unet, pair: PairLatents, blocks: list[str], iterations: int,
                         config: ToyRunConfig) -> StyleLoRA:
     """DreamBooth-style LoRA on ``blocks``: the plain diffusion loss on the reference with its
-    embroidery prompt everywhere (no design step, no router), through the same Trainer."""
+    embroidery prompt everywhere (no design step, no router): the core's one-image LoRA method,
+    at the toy scale every method shares (rank, learning rate)."""
     emo = config.emolora()
-    arch = unet.cfg.arch(ARCH)
-    adapters = AdapterSet(linear_targets(unet, arch.attention_modules(blocks)), blocks, emo.rank, emo.alpha,
-                          seed=emo.seed)
-    trainer = Trainer(toy_denoiser(unet), adapters, emo)
-    with installed(unet, adapters):
-        while trainer.step < iterations:
-            single_prompt_iteration(trainer, pair.embroidery, pair.embroidery_cond)
-    return adapters.to_style_lora(ARCH, {"embroidery.method": "single_prompt", "embroidery.step": str(trainer.step)})
+    lora_config = LoRAConfig(rank=emo.rank, alpha=emo.alpha, learning_rate=emo.learning_rate,
+                             weight_decay=emo.weight_decay, iterations=iterations, seed=emo.seed)
+    lora, _ = train_lora(toy_denoiser(unet), unet, pair, blocks, unet.cfg.arch(ARCH), lora_config)
+    return lora
 
 
 # --- one run ---------------------------------------------------------------------------------

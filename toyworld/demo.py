@@ -10,10 +10,10 @@ The steps are the ones the ComfyUI nodes run, on the toy base model instead of S
 2. Style blocks: EmoLoRA's block metric (``block_metric``, what Find Style Blocks runs) on the
    base model and this pair; the four most stitch-sensitive attention blocks.
 3. Stage 1: ``trainer.train_emolora`` (adapters on every attention projection, those style
-   blocks, the ``Trainer`` and ``run_stage1``) on the plain torch UNet.
+   blocks, the ``Trainer`` and ``run_phase``) on the plain torch UNet.
 4. Stage 2: complementary pairs sampled with the whole stage-1 LoRA (DDIM), flattened to designs
    with ``images.flatten_design``; ``AdapterSet.from_style_lora`` resumes the exported stage-1
-   LoRA, as EmbroideryTrainStage2 does, and ``run_stage2`` trains on the reference pair plus one
+   LoRA, as EmbroideryTrainStage2 does, and stage 2 (``run_phase``) trains on the reference pair plus one
    generated pair per iteration.
 5. Inference loads only the style blocks of the LoRA and turns new designs (never in the
    reference's colours) into embroideries (img2img from the design, the toy stand-in for the
@@ -42,8 +42,9 @@ from embroidery_core.files import atomic_path, write_text
 from embroidery_core.images import flatten_design, to_pil
 from embroidery_core.lora_file import StyleLoRA
 from embroidery_core.pair import design_prompt, embroidery_prompt
-from embroidery_core.trainer import (EmoLoRAConfig, PairLatents, Trainer, export, resume_point, run_stage2,
-                       train_emolora)
+from embroidery_core import keys
+from embroidery_core.methods import EMOLORA, EmoLoRAConfig, train_emolora
+from embroidery_core.trainer import PairLatents, Trainer, export, resume_point, run_phase
 from .generator import DESIGN_COLOURS, HELD_OUT, PALETTE, REFERENCE_COLOURS, TRIGGER, sample_pair
 from .model import load_toy_model, to_latent, toy_denoiser
 from .sample import generate
@@ -177,10 +178,10 @@ def find_style_blocks(unet, pair: PairLatents, count: int = STYLE_BLOCK_COUNT, s
 
 def train_stage1(unet, pair: PairLatents, config: ToyRunConfig, style_blocks: list[str], on_step=None) -> StyleLoRA:
     """Stage 1 on all attention layers with ``style_blocks`` as EmoLoRA's style blocks (the
-    core's train_emolora, which runs the Trainer and stage functions EmbroideryTrainStage1 runs)."""
+    core's train_emolora, which runs the Trainer and phases EmbroideryTrainStage1 runs)."""
     arch = unet.cfg.arch(ARCH)
     lora, _ = train_emolora(toy_denoiser(unet), unet, pair, style_blocks, arch, config.emolora(),
-                            on_step=on_step, metadata={"embroidery.trigger": TRIGGER})
+                            on_step=on_step, metadata={keys.TRIGGER: TRIGGER})
     return lora
 
 
@@ -199,12 +200,12 @@ def train_stage2(unet, pair: PairLatents, stage1: StyleLoRA, generated: list[Pai
                  config: ToyRunConfig, on_step=None) -> StyleLoRA:
     """EmbroideryTrainStage2's core: resume the stage-1 LoRA in a fresh adapter set, run_stage2."""
     emo = config.emolora()
-    _, start = resume_point(stage1)
+    _, start = resume_point(stage1, EMOLORA)
     adapters = AdapterSet.from_style_lora(unet, stage1, seed=emo.seed)
     trainer = Trainer(toy_denoiser(unet), adapters, emo, step=start)
     with installed(unet, adapters):
-        run_stage2(trainer, pair, generated, start + emo.stage2_iterations, on_step)
-    return export(trainer, ARCH, 2, stage1.metadata)
+        run_phase(trainer, EMOLORA.phase(2), pair, start + emo.stage2_iterations, generated, on_step)
+    return export(trainer, ARCH, EMOLORA, 2, stage1.metadata)
 
 
 # --- evaluation ------------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""The training methods of the pack, as data for the one loop in ``trainer.py`` (METHODS.md).
+
+Each method is a config dataclass (every default in one place, official code unless noted) and a
+:class:`~trainer.Method`: its phases, each a list of loss terms. Adding a method is one config,
+one ``Method`` here and one thin trainer node; the loop, export, resume, checkpoints and the
+node layer's trainer base serve it unchanged.
+
+Reading order: EmoLoRA (two stages), the one-image LoRA (B-LoRA's and DreamBooth's recipes),
+then the plain-torch pipelines the toy world and the tests run.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import keys
+from .adapters import AdapterSet, Checkpointing, installed, linear_targets
+from .diffusion import Denoiser
+from .trainer import (ContrastiveTerm, DiffusionTerm, Method, PairLatents, Phase, StepCallback, Trainer, export,
+                      loss_map, run_phase)
+
+
+# --- EmoLoRA ---------------------------------------------------------------------------------
+
+@dataclass
+class EmoLoRAConfig:
+    """Every default of EmoLoRA in one place (official code unless noted)."""
+
+    rank: int = 32
+    alpha: float = 32.0
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-2
+    stage1_iterations: int = 400
+    stage2_iterations: int = 200          # the official run stops at global step 600
+    generated_weight: float = 0.1         # weight of a generated pair next to the reference
+    contrastive_weight: float = 1e-4
+    tau: float = 1.0
+    seed: int = 42
+
+
+# Stage 1: the design step (whole LoRA, design prompt), then the embroidery step (style blocks
+# only; they read the embroidery prompt, every other block the design prompt).
+DESIGN_STEP = DiffusionTerm("design", trainable="all", image="design")
+EMBROIDERY_STEP = DiffusionTerm("embroidery", trainable="style", image="embroidery", routed="embroidery")
+# Stage 2: both again on the reference and one generated pair, then the contrastive step.
+EMOLORA = Method(
+    "emolora",
+    phases=(Phase(1, (DESIGN_STEP, EMBROIDERY_STEP)),
+            Phase(2, (DESIGN_STEP, EMBROIDERY_STEP, ContrastiveTerm()), generated=True)),
+    labels=(("all", "design"), ("style", "embroidery")),
+)
+
+
+# --- one-image LoRA --------------------------------------------------------------------------
+
+@dataclass
+class LoRAConfig:
+    """A LoRA on chosen blocks learnt from one image with one prompt (DreamBooth-style): B-LoRA's
+    content + style blocks, or every attention layer for DiffStyler's style LoRA."""
+
+    rank: int = 64
+    alpha: float = 64.0
+    learning_rate: float = 5e-5
+    weight_decay: float = 1e-2
+    iterations: int = 1000
+    seed: int = 0
+
+
+# The plain diffusion loss on the reference with its prompt in every block; every adapter trains.
+REFERENCE_STEP = DiffusionTerm("loss", trainable="all", image="embroidery", prompt="embroidery")
+LORA = Method("lora", phases=(Phase(1, (REFERENCE_STEP,)),), labels=(("all", "reference"),))
+
+
+# --- plain-torch pipelines (the toy world, tests) --------------------------------------------
+
+def _adapters(unet: torch.nn.Module, arch, blocks: list[str] | None, style_blocks: list[str], config) -> AdapterSet:
+    return AdapterSet(linear_targets(unet, arch.attention_modules(blocks)), style_blocks, config.rank, config.alpha,
+                      seed=config.seed)
+
+
+@contextlib.contextmanager
+def _on(unet: torch.nn.Module, adapters: AdapterSet, gradient_checkpointing: bool):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(installed(unet, adapters))
+        if gradient_checkpointing:
+            stack.enter_context(installed(unet, Checkpointing(unet)))
+        yield
+
+
+def train_emolora(denoiser: Denoiser, unet: torch.nn.Module, pair: PairLatents, style_blocks: list[str], arch,
+                  config: EmoLoRAConfig = EmoLoRAConfig(),
+                  generate: Callable[[AdapterSet], list[PairLatents]] | None = None,
+                  on_step: StepCallback | None = None, compute_dtype: torch.dtype | None = None,
+                  gradient_checkpointing: bool = False, metadata: dict[str, str] | None = None):
+    """EmoLoRA from one pair on a plain torch UNet: stage 1, then (if ``generate`` is given)
+    the complementary pairs it returns, sampled while the stage-1 LoRA is installed, and stage 2.
+
+    Returns (the LoRA with its training state in metadata, the loss curves). The ComfyUI
+    trainer nodes run the same Trainer and phases on ComfyUI's model.
+    """
+    adapters = _adapters(unet, arch, None, style_blocks, config)
+    trainer = Trainer(denoiser, adapters, config, compute_dtype)
+    history, stage = [], 1
+    with _on(unet, adapters, gradient_checkpointing):
+        history += run_phase(trainer, EMOLORA.phase(1), pair, config.stage1_iterations, on_step=on_step)
+        if generate is not None and config.stage2_iterations > 0:
+            with torch.no_grad():
+                generated = generate(adapters)
+            history += run_phase(trainer, EMOLORA.phase(2), pair, config.stage1_iterations + config.stage2_iterations,
+                                 generated, on_step)
+            stage = 2
+    meta = {**(metadata or {}), keys.STYLE_BLOCKS: ",".join(style_blocks)}
+    return export(trainer, arch.name, EMOLORA, stage, meta), loss_map(history)
+
+
+def train_lora(denoiser: Denoiser, unet: torch.nn.Module, pair: PairLatents, blocks: list[str], arch,
+               config: LoRAConfig = LoRAConfig(), on_step: StepCallback | None = None,
+               metadata: dict[str, str] | None = None):
+    """A one-image LoRA on ``blocks`` of a plain torch UNet (the reference with its embroidery
+    prompt, every block reading it). Returns (the LoRA, the loss curves)."""
+    adapters = _adapters(unet, arch, blocks, blocks, config)
+    trainer = Trainer(denoiser, adapters, config)
+    with _on(unet, adapters, False):
+        history = run_phase(trainer, LORA.phase(1), pair, config.iterations, on_step=on_step)
+    return export(trainer, arch.name, LORA, 1, metadata), loss_map(history)
