@@ -31,6 +31,8 @@ EMBROIDERY_PROMPT = PREFIX + "embroidery_prompt"
 RESOLUTION = PREFIX + "resolution"
 STYLE_BLOCKS = PREFIX + "style_blocks"
 CONTENT_BLOCKS = PREFIX + "content_blocks"
+TRAIN_PROMPT = PREFIX + "train_prompt"  # the prompt a one-prompt method trained with
+RECIPE = PREFIX + "recipe"              # the one-image LoRA recipe (methods.LORA_RECIPES)
 PRECISION = PREFIX + "precision"
 MEMORY_PRESET = PREFIX + "memory_preset"
 

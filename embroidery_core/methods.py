@@ -58,20 +58,59 @@ EMOLORA = Method(
 
 @dataclass
 class LoRAConfig:
-    """A LoRA on chosen blocks learnt from one image with one prompt (DreamBooth-style): B-LoRA's
-    content + style blocks, or every attention layer for DiffStyler's style LoRA."""
+    """A LoRA on chosen blocks learnt from one image with one prompt (DreamBooth-style)."""
 
     rank: int = 64
     alpha: float = 64.0
     learning_rate: float = 5e-5
-    weight_decay: float = 1e-2
+    weight_decay: float = 1e-4
     iterations: int = 1000
     seed: int = 0
 
 
 # The plain diffusion loss on the reference with its prompt in every block; every adapter trains.
 REFERENCE_STEP = DiffusionTerm("loss", trainable="all", image="embroidery", prompt="embroidery")
-LORA = Method("lora", phases=(Phase(1, (REFERENCE_STEP,)),), labels=(("all", "reference"),))
+LORA = Method("lora", phases=(Phase(1, (REFERENCE_STEP,)),), labels=(("all", "reference"),), file_tag="lora")
+
+
+@dataclass(frozen=True)
+class LoRARecipe:
+    """A published one-image LoRA recipe: its blocks (presets of ``blocks.py``; ``None`` for
+    style means every attention block, for content none), its prompt (``{trigger}`` and
+    ``{subject}`` are filled in) and its defaults."""
+
+    name: str
+    content: str | None
+    style: str | None
+    prompt: str
+    config: LoRAConfig
+    source: str
+
+    def blocks(self, arch, custom: list[str] | None = None) -> tuple[list[str], list[str]]:
+        """(content blocks, style blocks) on ``arch``; ``custom`` replaces the style blocks."""
+        content = arch.preset(self.content) if self.content else []
+        style = custom if custom is not None else (arch.preset(self.style) if self.style else arch.attention_blocks())
+        return content, [b for b in style if b not in content]
+
+    def text(self, trigger: str, subject: str) -> str:
+        return self.prompt.format(trigger=trigger, subject=subject)
+
+
+LORA_RECIPES: dict[str, LoRARecipe] = {r.name: r for r in (
+    # B-LoRA (METHODS.md section 5): W4 (content) and W5 (style) trained jointly on "A [v]",
+    # r 64, scale 1, lr 5e-5, 1000 steps; weight decay the diffusers DreamBooth script's 1e-4.
+    LoRARecipe("b_lora", content="blora_content", style="blora_style", prompt="A {trigger}",
+               config=LoRAConfig(rank=64, alpha=64.0, learning_rate=5e-5, weight_decay=1e-4, iterations=1000),
+               source="B-LoRA's official training script"),
+    # DiffStyler's style LoRA (section 3): every attention layer, r 16, lr 2e-4, 200 steps.
+    LoRARecipe("dreambooth_all_attention", content=None, style=None, prompt="a {subject} in {trigger} style",
+               config=LoRAConfig(rank=16, alpha=16.0, learning_rate=2e-4, weight_decay=1e-2, iterations=200),
+               source="DiffStyler's style-LoRA training"),
+    # Your own blocks (e.g. from Find Style Blocks), EmoLoRA's rank and learning rate.
+    LoRARecipe("custom", content=None, style=None, prompt="a {subject} in {trigger} style",
+               config=LoRAConfig(rank=32, alpha=32.0, learning_rate=1e-4, weight_decay=1e-2, iterations=400),
+               source="this pack (EmoLoRA's rank and learning rate)"),
+)}
 
 
 # --- plain-torch pipelines (the toy world, tests) --------------------------------------------
@@ -118,11 +157,14 @@ def train_emolora(denoiser: Denoiser, unet: torch.nn.Module, pair: PairLatents, 
 
 def train_lora(denoiser: Denoiser, unet: torch.nn.Module, pair: PairLatents, blocks: list[str], arch,
                config: LoRAConfig = LoRAConfig(), on_step: StepCallback | None = None,
-               metadata: dict[str, str] | None = None):
+               metadata: dict[str, str] | None = None, style_blocks: list[str] | None = None):
     """A one-image LoRA on ``blocks`` of a plain torch UNet (the reference with its embroidery
-    prompt, every block reading it). Returns (the LoRA, the loss curves)."""
-    adapters = _adapters(unet, arch, blocks, blocks, config)
+    prompt, every block reading it); ``style_blocks`` (default: all of them) is what the file
+    records as style. Returns (the LoRA, the loss curves)."""
+    style = list(blocks) if style_blocks is None else list(style_blocks)
+    adapters = _adapters(unet, arch, blocks, style, config)
     trainer = Trainer(denoiser, adapters, config)
     with _on(unet, adapters, False):
         history = run_phase(trainer, LORA.phase(1), pair, config.iterations, on_step=on_step)
-    return export(trainer, arch.name, LORA, 1, metadata), loss_map(history)
+    meta = {**(metadata or {}), keys.CONTENT_BLOCKS: ",".join(b for b in blocks if b not in style)}
+    return export(trainer, arch.name, LORA, 1, meta), loss_map(history)

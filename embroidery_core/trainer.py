@@ -228,12 +228,14 @@ class Phase:
 
 @dataclass(frozen=True)
 class Method:
-    """A training method as data: its name in the file, its phases, and the label under which
-    each adapter group's updated blocks are recorded (``embroidery.updated_blocks.<label>``)."""
+    """A training method as data: its name in the file, its phases, the label under which each
+    adapter group's updated blocks are recorded (``embroidery.updated_blocks.<label>``), and the
+    tag of its checkpoint names (``<trigger>_<tag><phase>_<run id>``)."""
 
     name: str
     phases: tuple[Phase, ...]
     labels: tuple[tuple[str, str], ...]
+    file_tag: str = "stage"
 
     def phase(self, number: int) -> Phase:
         for phase in self.phases:

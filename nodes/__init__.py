@@ -1,6 +1,7 @@
 """ComfyUI nodes of the pack: thin V3 adapters around embroidery_core."""
 from comfy_api.latest import ComfyExtension, io
 
+from .method_nodes import METHOD_NODES
 from .metrics_nodes import METRICS_NODES
 from .style_nodes import STYLE_NODES
 from .lora_nodes import EmbroideryLoRABlockInspector, EmbroiderySaveStyleLoRA, EmbroideryStyleBlocksLoader
@@ -15,6 +16,7 @@ NODES: list[type[io.ComfyNode]] = [
     EmbroideryFindStyleBlocks,
     EmbroideryTrainStage1,
     EmbroideryTrainStage2,
+    *METHOD_NODES,
     *STYLE_NODES,
     *METRICS_NODES,
 ]

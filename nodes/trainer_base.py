@@ -70,15 +70,20 @@ class TrainPlan:
     metadata: dict[str, str] = field(default_factory=dict)  # the node's own keys, added to the file's
 
 
-def trainer_inputs(iterations: int, what: str, learning_rate: float, weight_decay: float, seed: int) -> list:
-    """The inputs every trainer node ends with, in this order (workflows store them by position)."""
+def trainer_inputs(iterations: int, what: str, learning_rate: float, weight_decay: float, seed: int,
+                   recipe: str = "") -> list:
+    """The inputs every trainer node ends with, in this order (workflows store them by position).
+    With ``recipe`` (a sentence naming the recipes' values), iterations and learning rate 0 and
+    weight decay -1 mean "the recipe's"."""
+    low = 0 if recipe else 1
     return [
-        io.Int.Input("iterations", default=iterations, min=1, max=10000,
-                     tooltip=f"{what} iterations (official schedule: {iterations})."),
-        io.Float.Input("learning_rate", default=learning_rate, min=1e-7, max=1e-2, step=1e-6,
-                       tooltip="AdamW learning rate, constant."),
-        io.Float.Input("weight_decay", default=weight_decay, min=0.0, max=1.0, step=1e-3,
-                       tooltip="AdamW weight decay."),
+        io.Int.Input("iterations", default=iterations, min=low, max=10000,
+                     tooltip=f"{what} iterations" + (f"; 0 = the recipe's ({recipe})." if recipe
+                                                     else f" (official schedule: {iterations}).")),
+        io.Float.Input("learning_rate", default=learning_rate, min=0.0 if recipe else 1e-7, max=1e-2, step=1e-6,
+                       tooltip="AdamW learning rate, constant" + ("; 0 = the recipe's." if recipe else ".")),
+        io.Float.Input("weight_decay", default=weight_decay, min=-1.0 if recipe else 0.0, max=1.0, step=1e-3,
+                       tooltip="AdamW weight decay" + ("; -1 = the recipe's." if recipe else ".")),
         io.Int.Input("seed", default=seed, min=0, max=0xFFFFFFFF, tooltip="Seed of noise, timesteps and init."),
         io.Combo.Input("precision", options=PRECISIONS, default="auto",
                        tooltip="Compute dtype (LoRA weights stay fp32). auto: bf16 where supported, fp32 on CPU."),
@@ -103,15 +108,15 @@ def trainer_outputs() -> list:
                                                            "(ComfyUI's plot needs two or more steps).")]
 
 
-def checkpoint_name(pair, stage: int, run_id: str) -> str:
-    """``loras/embroidery_checkpoints/<trigger>_stage<N>_<run id>.safetensors``, a name every OS
-    accepts whatever the trigger word (``<emb>`` becomes ``_emb_``)."""
-    return f"{CHECKPOINT_FOLDER}/{filename_part(pair.trigger)}_stage{stage}_{run_id}.safetensors"
+def checkpoint_name(pair, stage: int, run_id: str, tag: str = "stage") -> str:
+    """``loras/embroidery_checkpoints/<trigger>_<tag><N>_<run id>.safetensors`` (EmoLoRA's tag is
+    ``stage``), a name every OS accepts whatever the trigger word (``<emb>`` becomes ``_emb_``)."""
+    return f"{CHECKPOINT_FOLDER}/{filename_part(pair.trigger)}_{tag}{stage}_{run_id}.safetensors"
 
 
-def _checkpoint_saver(pair, stage: int, run_id: str):
+def _checkpoint_saver(pair, stage: int, run_id: str, tag: str):
     folder = folder_paths.get_folder_paths("loras")[0]
-    path = os.path.join(folder, *checkpoint_name(pair, stage, run_id).split("/"))
+    path = os.path.join(folder, *checkpoint_name(pair, stage, run_id, tag).split("/"))
     return lambda lora: save_lora(lora, path)
 
 
@@ -187,7 +192,8 @@ class TrainerNode(PackNode):
             node_id = cls.hidden.unique_id if cls.hidden is not None else None
             progress = ct.Progress(node_id, plan.start, plan.until, options.preview_every, clone, trainer)
             saver = Checkpointer(trainer, arch.name, plan.method, plan.stage,
-                                 _checkpoint_saver(plan.pair, plan.stage, meta[keys.RUN_ID]), options.checkpoint_every,
+                                 _checkpoint_saver(plan.pair, plan.stage, meta[keys.RUN_ID], plan.method.file_tag),
+                                 options.checkpoint_every,
                                  meta)
             history = run_phase(trainer, phase, plan.latents, plan.until, plan.generated, ct.chain(progress, saver))
         lora = export(trainer, arch.name, plan.method, plan.stage, meta)

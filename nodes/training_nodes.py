@@ -23,7 +23,7 @@ DEFAULTS = EmoLoRAConfig()
 DEFAULT_STAGE2_SUBJECTS = "red apple\nblue bird\nyellow flower"
 
 
-def _model_inputs() -> list:
+def model_inputs() -> list:
     """model, clip, vae and pair: the same four sockets on every training node."""
     return [io.Model.Input("model", tooltip="The SD1.5/SDXL checkpoint to train on; it is cloned, never modified."),
             io.Clip.Input("clip", tooltip="The checkpoint's text encoder, for the design and embroidery prompts."),
@@ -92,7 +92,7 @@ class EmbroideryFindStyleBlocks(PackNode):
             description="EmoLoRA's block-selection metric: ranks attention blocks by how differently they see the "
                         "embroidery and its design (low self-attention similarity = stitch-sensitive).",
             inputs=[
-                *_model_inputs(),
+                *model_inputs(),
                 io.Combo.Input("selection", options=SELECTIONS, default=SELECTIONS[0],
                                tooltip="paper preset: return EmoLoRA's four blocks (SDXL; analogues on SD1.5) and "
                                        "show the measurement; measured top-k: return the k lowest-similarity blocks."),
@@ -152,7 +152,7 @@ class EmbroideryTrainStage1(TrainerNode):
             category=f"{CATEGORY}/training",
             description="EmoLoRA stage 1: each iteration a design step (whole LoRA) and an embroidery step (style "
                         "blocks only, which read the embroidery prompt), same noise and timestep.",
-            inputs=[*_model_inputs(),
+            inputs=[*model_inputs(),
                     io.String.Input("style_blocks", default="emolora_style",
                                     tooltip="A preset name or a block list (e.g. from Find Style Blocks)."),
                     io.Int.Input("rank", default=DEFAULTS.rank, min=1, max=256, tooltip="LoRA rank (paper: 32)."),
@@ -195,7 +195,7 @@ class EmbroideryTrainStage2(TrainerNode):
             category=f"{CATEGORY}/training",
             description="EmoLoRA stage 2: samples complementary pairs with the stage-1 LoRA, then trains on the "
                         "reference plus one generated pair per iteration with the contrastive loss.",
-            inputs=[*_model_inputs(),
+            inputs=[*model_inputs(),
                     StyleLoRAType.Input("lora", tooltip="The stage-1 LoRA."),
                     io.String.Input("subjects", default=DEFAULT_STAGE2_SUBJECTS, multiline=True,
                                     tooltip="One subject per line; each gives one generated pair "

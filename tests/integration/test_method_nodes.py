@@ -1,0 +1,131 @@
+"""The seed methods' trainers in-process on tiny SD1.5 and SDXL: each recipe trains exactly its
+blocks and says so in the file, the file loads in stock LoraLoader and changes the model, mistakes
+are refused with the fix, resume continues the step count, Cancel leaves no file."""
+import logging
+import os
+
+import pytest
+import torch
+
+from embroidery_core.lora_file import load_lora, save_lora
+
+from .test_bad_inputs import _checkpoints
+from .test_training_nodes import TRAIN, pair, sd15, stage1  # noqa: F401 (fixtures)
+
+NODE = "Train One-Image LoRA (B-LoRA, DreamBooth)"
+
+
+def train_lora(pack, model, clip, vae, pair, recipe="b_lora", custom="", prompt="", rank=4, **kw):
+    args = {**TRAIN, "iterations": 2, "checkpoint_every": 0, "resume_from": "(none)", **kw}
+    with torch.inference_mode():
+        return pack["EmbroideryTrainLoRA"].execute(model, clip, vae, pair, recipe, custom, prompt, rank, 0.0,
+                                                   **args).result
+
+
+@pytest.fixture(scope="module")
+def sdxl(comfy, tiny_sdxl_ckpt):
+    import comfy.sd
+
+    with torch.inference_mode():
+        return comfy.sd.load_checkpoint_guess_config(str(tiny_sdxl_ckpt), output_vae=True, output_clip=True)[:3]
+
+
+@pytest.fixture(params=["sd15", "sdxl"])
+def family(request):
+    return request.param, request.getfixturevalue(request.param)
+
+
+def _arch(pack, model):
+    import sys
+
+    common = next(m for n, m in sys.modules.items() if n.endswith(".nodes.common"))
+    return common.model_family(model, "test")
+
+
+def test_b_lora_recipe_trains_only_its_two_blocks_and_records_them(pack, family, pair, loras_dir):
+    name, (model, clip, vae) = family
+    arch = _arch(pack, model)
+    lora, patched, losses = train_lora(pack, model, clip, vae, pair)
+    content, style = arch.preset("blora_content"), arch.preset("blora_style")
+    meta = lora.metadata
+    assert sorted(lora.blocks()) == sorted(content + style) and len(losses["loss"]) == 2
+    assert meta["embroidery.method"] == "lora" and meta["embroidery.recipe"] == "b_lora"
+    assert meta["embroidery.train_prompt"] == "A emb"
+    assert meta["embroidery.content_blocks"].split(",") == content
+    assert meta["embroidery.style_blocks"].split(",") == style
+    assert sorted(meta["embroidery.updated_blocks.reference"].split(",")) == sorted(content + style)
+    assert meta["embroidery.rank"] == "4" and meta["embroidery.learning_rate"] == "0.0001"
+    assert len(patched.patches) == len(arch.attention_modules(style))  # the model output: W5 only
+
+
+def test_recipe_defaults_fill_in_zero_inputs(pack, sd15, pair, loras_dir):
+    model, clip, vae = sd15
+    arch = _arch(pack, model)
+    lora, _, _ = train_lora(pack, model, clip, vae, pair, "dreambooth_all_attention", rank=0,
+                            **{**TRAIN, "learning_rate": 0.0, "weight_decay": -1.0, "iterations": 1})
+    assert lora.rank == 16 and lora.metadata["embroidery.learning_rate"] == "0.0002"
+    assert lora.metadata["embroidery.weight_decay"] == "0.01" and lora.metadata["embroidery.alpha"] == "16.0"
+    assert sorted(lora.blocks()) == sorted(arch.attention_blocks())
+    assert lora.metadata["embroidery.train_prompt"] == "a flower in emb style"
+
+
+def test_trained_file_loads_in_stock_loraloader_and_changes_the_model(pack, family, pair, loras_dir, caplog):
+    import nodes
+
+    from .test_pack_and_loras import _changed_after_patching
+
+    name, (model, clip, vae) = family
+    lora, _, _ = train_lora(pack, model, clip, vae, pair, "custom", custom="output_blocks.1.1", iterations=3,
+                            learning_rate=1e-3)
+    save_lora(lora, loras_dir / f"one_image_{name}.safetensors")
+    with caplog.at_level(logging.WARNING):
+        patched = nodes.LoraLoaderModelOnly().load_lora_model_only(model, f"one_image_{name}.safetensors", 1.0)[0]
+    assert "lora key not loaded" not in caplog.text
+    assert len(patched.patches) == len(lora.modules) > 0
+    changed = _changed_after_patching(patched)
+    assert changed and all(k.startswith("output_blocks.1.1.") for k in changed)
+
+
+def test_mistakes_are_refused_with_the_fix(pack, sd15, pair, loras_dir):
+    model, clip, vae = sd15
+    with pytest.raises(ValueError, match=rf"^{NODE}: recipe custom trains the blocks in custom_blocks, which is empty"):
+        train_lora(pack, model, clip, vae, pair, "custom")
+    with pytest.raises(ValueError, match=rf"^{NODE}: recipe 'plain' is not one of"):
+        train_lora(pack, model, clip, vae, pair, "plain")
+    with pytest.raises(ValueError, match=r"cannot fill in the prompt 'A \{style\}'"):
+        train_lora(pack, model, clip, vae, pair, prompt="A {style}")
+    with pytest.raises(ValueError, match=rf"^{NODE}: memory_preset 'tiny'"):
+        train_lora(pack, model, clip, vae, pair, memory_preset="tiny")
+    emolora = stage1(pack, model, clip, vae, pair, iterations=1)[0]
+    save_lora(emolora, loras_dir / "emolora.safetensors")
+    with pytest.raises(ValueError, match="written by the emolora trainer, not lora; resume it in the trainer"):
+        train_lora(pack, model, clip, vae, pair, resume_from="emolora.safetensors")
+
+
+def test_resume_continues_from_the_checkpoint_metadata(pack, sd15, pair, loras_dir):
+    model, clip, vae = sd15
+    train_lora(pack, model, clip, vae, pair, checkpoint_every=1)
+    (checkpoint,) = (loras_dir / "embroidery_checkpoints").glob("emb_lora1_*.safetensors")
+    assert load_lora(checkpoint).metadata["embroidery.step"] == "2"
+    renamed = loras_dir / "my_blora.safetensors"
+    os.replace(checkpoint, renamed)
+    lora, _, losses = train_lora(pack, model, clip, vae, pair, iterations=4, resume_from=renamed.name)
+    assert lora.metadata["embroidery.step"] == "4" and len(losses["loss"]) == 2
+
+
+def test_cancel_stops_within_one_step_and_leaves_no_file(pack, sd15, pair, loras_dir):
+    """Cancel pressed before the run: the first step's progress update raises, before that step's
+    checkpoint would be written; one UNet pass ran."""
+    import comfy.model_management as mm
+
+    model, clip, vae = sd15
+    passes = []
+    hook = model.model.diffusion_model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train_lora(pack, model, clip, vae, pair, iterations=5, checkpoint_every=1)
+    finally:
+        mm.interrupt_current_processing(False)
+        hook.remove()
+    assert len(passes) == 1 and _checkpoints(loras_dir) == []
