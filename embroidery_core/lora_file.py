@@ -145,6 +145,10 @@ class StyleLoRA:
     arch: str
     modules: dict[str, LoRAModule]
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The trainer's AdamW moments at this step (trainer.optimizer_state), when a trainer made this
+    # object: Stage 2 continues stage 1's optimizer from it. Never written into the LoRA file
+    # (stock loaders would see unknown keys); checkpoints keep it beside the file.
+    optimizer_state: dict[str, torch.Tensor] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         arch = get_arch(self.arch)
@@ -316,6 +320,33 @@ def save_lora(lora: StyleLoRA, path: str | os.PathLike) -> str:
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(state_dict, tmp, metadata=metadata)
     return path
+
+
+OPTIMIZER_SUFFIX = ".optimizer"  # not an extension ComfyUI lists, so no loader offers the file
+
+
+def optimizer_path(lora_path: str | os.PathLike) -> str:
+    """Where a checkpoint's optimizer state lives: beside it, ``<file>.safetensors.optimizer``."""
+    return os.fspath(lora_path) + OPTIMIZER_SUFFIX
+
+
+def save_optimizer_state(state: dict[str, torch.Tensor], lora_path: str | os.PathLike,
+                         metadata: dict[str, str]) -> str:
+    """The AdamW state of a checkpoint (``trainer.optimizer_state``), beside it, atomically.
+    ``metadata`` (step and run id) ties it to the LoRA file it belongs to."""
+    path = optimizer_path(lora_path)
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+    return path
+
+
+def load_optimizer_state(lora_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """(state, metadata) saved beside ``lora_path``, or None when there is none."""
+    path = optimizer_path(lora_path)
+    if not os.path.isfile(path):
+        return None
+    with safetensors.safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
 # ---------------------------------------------------------------------------- reading

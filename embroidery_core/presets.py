@@ -73,6 +73,14 @@ class CPUOffloadAdamW(torch.optim.Optimizer):
         return loss
 
 
+    def state_of(self, p: torch.Tensor) -> dict:
+        """AdamW's state of device parameter ``p`` (held for its host copy)."""
+        return self.inner.state[self._host[p]]
+
+    def set_state_of(self, p: torch.Tensor, state: dict) -> None:
+        self.inner.state[self._host[p]] = {k: v.to("cpu", torch.float32).clone() for k, v in state.items()}
+
+
 def _host_copy(p: torch.Tensor, pin: bool) -> torch.Tensor:
     return torch.empty(p.shape, dtype=torch.float32, pin_memory=pin).copy_(p.detach())
 

@@ -139,6 +139,52 @@ class Trainer:
                 self.updated_blocks.setdefault(trainable, set()).add(block_of(name))
 
 
+# ---------------------------------------------------------------------------- optimizer state
+
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _state_of(optimizer, p) -> dict:
+    return optimizer.state_of(p) if hasattr(optimizer, "state_of") else optimizer.state[p]
+
+
+def optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """AdamW's step count and moments of every adapter parameter that has them, on the CPU,
+    keyed ``<parameter name>.<step|exp_avg|exp_avg_sq>``: what a continued run needs to make the
+    updates an unbroken run would have made (the official EmoLoRA code's stage 2 resumes stage
+    1's optimizer)."""
+    out = {}
+    for name, p in trainer.adapters.named_parameters():
+        state = _state_of(trainer.optimizer, p)
+        for key in ADAM_STATE:
+            if key in state:
+                out[f"{name}.{key}"] = state[key].detach().to("cpu", torch.float32).clone()
+    return out
+
+
+def load_optimizer_state(trainer: Trainer, state: dict[str, torch.Tensor]) -> int:
+    """Continue AdamW from :func:`optimizer_state`'s output; returns how many parameters got
+    their state. ValueError when it was taken from other adapters (names or shapes differ)."""
+    params = dict(trainer.adapters.named_parameters())
+    names = {key.rsplit(".", 1)[0] for key in state}
+    unknown = sorted(names - set(params))
+    if unknown:
+        raise ValueError(f"the optimizer state is of other adapters ({len(unknown)} unknown parameters, "
+                         f"e.g. {unknown[0]}); it cannot be continued here")
+    for name in names:
+        p = params[name]
+        entry = {key: state[f"{name}.{key}"] for key in ADAM_STATE if f"{name}.{key}" in state}
+        if entry.get("exp_avg") is not None and entry["exp_avg"].shape != p.shape:
+            raise ValueError(f"the optimizer state of {name} has shape {tuple(entry['exp_avg'].shape)}, the "
+                             f"adapter {tuple(p.shape)}; it cannot be continued here")
+        if hasattr(trainer.optimizer, "set_state_of"):
+            trainer.optimizer.set_state_of(p, entry)
+        else:  # torch's AdamW: the step on the CPU, the moments beside the parameter
+            trainer.optimizer.state[p] = {k: v.clone() if k == "step" else v.to(p.device, torch.float32).clone()
+                                          for k, v in entry.items()}
+    return len(names)
+
+
 def _draw(trainer: Trainer, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     g = trainer.generator()
     noise = torch.randn(like.shape, generator=g).to(like)
@@ -265,15 +311,25 @@ def iteration(trainer: Trainer, phase: Phase, pair: PairLatents,
 StepCallback = Callable[[int, int, dict[str, torch.Tensor]], None]
 
 
+def generated_index(seed: int, step: int, count: int) -> int:
+    """Which of ``count`` generated pairs iteration ``step`` trains on: every pass over them in a
+    new seeded random order (the official code shuffles its data loader), a function of the seed
+    and the step only, so a resumed run picks what an unbroken run would have picked."""
+    epoch, position = divmod(step, count)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + 500_009 + epoch))
+    return int(order[position])
+
+
 def run_phase(trainer: Trainer, phase: Phase, pair: PairLatents, until: int,
               generated: list[PairLatents] | None = None, on_step: StepCallback | None = None):
     """Iterate ``phase`` until the global step reaches ``until``; returns the losses per step.
-    A phase with generated pairs cycles through ``generated``, one per iteration."""
+    A phase with generated pairs takes one per iteration (:func:`generated_index`)."""
     if phase.generated and not generated:
         raise ValueError(f"phase {phase.number} needs at least one generated pair")
     history = []
     while trainer.step < until:
-        losses = iteration(trainer, phase, pair, generated[trainer.step % len(generated)] if phase.generated else None)
+        pick = generated[generated_index(trainer.config.seed, trainer.step, len(generated))] if phase.generated else None
+        losses = iteration(trainer, phase, pair, pick)
         history.append(losses)
         if on_step is not None:
             on_step(trainer.step, until, losses)
@@ -340,8 +396,9 @@ def config_metadata(config: Config) -> dict[str, str]:
 def export(trainer: Trainer, arch: str, method: Method, stage: int, metadata: dict[str, str] | None = None):
     """The trained LoRA with everything needed to use or resume it in its metadata: the config,
     ``metadata``, the method, phase and step, and the blocks each adapter group updated (merged
-    with what an earlier run recorded). ValueError if the weights have diverged to NaN/inf (a
-    checkpoint never overwrites a good one with them)."""
+    with what an earlier run recorded); the optimizer's state rides along in memory
+    (``optimizer_state``). ValueError if the weights have diverged to NaN/inf (a checkpoint never
+    overwrites a good one with them)."""
     meta = {**config_metadata(trainer.config), **(metadata or {}),
             keys.METHOD: method.name, keys.STAGE: str(stage), keys.STEP: str(trainer.step)}
     for group, label in method.labels:
@@ -354,6 +411,7 @@ def export(trainer: Trainer, arch: str, method: Method, stage: int, metadata: di
     if diverged:
         raise ValueError(f"training diverged by step {trainer.step}: {len(diverged)} LoRA modules hold "
                          "NaN or inf; the last checkpoint is kept. Lower the learning rate, or use precision fp32")
+    lora.optimizer_state = optimizer_state(trainer)
     return lora
 
 

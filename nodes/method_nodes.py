@@ -86,7 +86,7 @@ class EmbroideryTrainLoRA(TrainerNode):
                             learning_rate=options.learning_rate or chosen.config.learning_rate,
                             weight_decay=chosen.config.weight_decay if options.weight_decay < 0 else options.weight_decay,
                             iterations=options.iterations or chosen.config.iterations, seed=options.seed)
-        resume, start = cls.resume(options, model, 1)
+        resume, start, state = cls.resume(options, model, 1)
         if resume is not None:
             check_resume_range(options.resume_from, start, config.iterations, "iterations")
         with torch.inference_mode(False):
@@ -101,7 +101,7 @@ class EmbroideryTrainLoRA(TrainerNode):
             meta = {**updated_history(resume), keys.RECIPE: recipe, keys.TRAIN_PROMPT: text,
                     keys.CONTENT_BLOCKS: ",".join(content)}
             plan = TrainPlan(LORA, 1, config, pair, PairLatents(image, image, cond, cond), adapters, start,
-                             config.iterations, metadata=meta)
+                             config.iterations, metadata=meta, optimizer_state=state)
             lora, patched, losses = cls.train(model, options, plan)
         return io.NodeOutput(lora, patched, losses)
 

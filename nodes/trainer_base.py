@@ -8,6 +8,7 @@ run's identity, the LoRA and MODEL outputs, the loss map) is here.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -17,18 +18,20 @@ from comfy_api.latest import io
 from ..embroidery_core import keys
 from ..embroidery_core.adapters import AdapterSet
 from ..embroidery_core.files import filename_part
-from ..embroidery_core.lora_file import save_lora
+from ..embroidery_core.lora_file import load_optimizer_state, save_lora, save_optimizer_state
 from ..embroidery_core.pair import AnalogyPair
 from ..embroidery_core.presets import DEFAULT_MEMORY_PRESET, MEMORY_PRESETS, get_memory_preset
 from ..embroidery_core.trainer import (Checkpointer, Config, Method, PairLatents, Trainer, config_metadata, export,
                                        loss_map, resume_point, run_identity, run_phase)
+from ..embroidery_core.trainer import load_optimizer_state as load_optimizer_state_into
 from . import comfy_training as ct
 from .common import (NodeInputError, PackNode, StyleLoRAType, apply_lora_patches, check_choice, load_model_lora,
-                     lora_fingerprint, model_family)
+                     lora_fingerprint, lora_path, model_family)
 
 NO_RESUME = "(none)"
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
 CHECKPOINT_FOLDER = "embroidery_checkpoints"
+log = logging.getLogger("embroidery.trainer")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class TrainPlan:
     until: int
     generated: list[PairLatents] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)  # the node's own keys, added to the file's
+    optimizer_state: dict | None = None  # AdamW's state to continue (trainer.optimizer_state); None = fresh
 
 
 def trainer_inputs(iterations: int, what: str, learning_rate: float, weight_decay: float, seed: int,
@@ -115,9 +119,36 @@ def checkpoint_name(pair, stage: int, run_id: str, tag: str = "stage") -> str:
 
 
 def _checkpoint_saver(pair, stage: int, run_id: str, tag: str):
+    """Saves a checkpoint: its optimizer state first, then the LoRA (each atomically), so the
+    LoRA file a user resumes from never points at an older optimizer state than its own."""
     folder = folder_paths.get_folder_paths("loras")[0]
     path = os.path.join(folder, *checkpoint_name(pair, stage, run_id, tag).split("/"))
-    return lambda lora: save_lora(lora, path)
+
+    def save(lora):
+        if lora.optimizer_state:
+            save_optimizer_state(lora.optimizer_state, path, _state_tag(lora.metadata))
+        save_lora(lora, path)
+
+    return save
+
+
+def _state_tag(metadata: dict[str, str]) -> dict[str, str]:
+    return {keys.STEP: metadata.get(keys.STEP, ""), keys.RUN_ID: metadata.get(keys.RUN_ID, "")}
+
+
+def saved_optimizer_state(name: str, lora, node: str) -> dict | None:
+    """The optimizer state saved beside the LoRA file ``name``, if it belongs to that file's step
+    and run; None otherwise (the run then continues with a fresh AdamW, and the log says why)."""
+    found = load_optimizer_state(lora_path(name, node))
+    if found is None:
+        log.info("%s: no optimizer state beside %s; AdamW starts fresh", node, name)
+        return None
+    state, tag = found
+    if tag != _state_tag(lora.metadata):
+        log.warning("%s: the optimizer state beside %s is of another step or run (%s, the file: %s); "
+                    "AdamW starts fresh", node, name, tag, _state_tag(lora.metadata))
+        return None
+    return state
 
 
 def pair_metadata(pair, style_blocks: list[str]) -> dict[str, str]:
@@ -159,17 +190,17 @@ class TrainerNode(PackNode):
 
     @classmethod
     def resume(cls, options: TrainOptions, model, stage: int):
-        """(the file to resume or None, its step), checked against the model (family, shapes,
-        NaN), the method and the stage."""
+        """(the file to resume or None, its step, the optimizer state saved beside it or None),
+        checked against the model (family, shapes, NaN), the method and the stage."""
         if options.resume_from == NO_RESUME:
-            return None, 0
+            return None, 0, None
         node = cls.node_name()
         lora = load_model_lora(options.resume_from, model, node)
         file_stage, step = resume_point(lora, cls.METHOD)
         if file_stage != stage:
             raise NodeInputError(node, f"{options.resume_from} was written by stage {file_stage}; "
                                        f"resume it in Train Stage {file_stage}")
-        return lora, step
+        return lora, step, saved_optimizer_state(options.resume_from, lora, node)
 
     @classmethod
     def train(cls, model, options: TrainOptions, plan: TrainPlan):
@@ -189,6 +220,8 @@ class TrainerNode(PackNode):
             plan.adapters.to(denoiser.device)
             trainer = Trainer(denoiser, plan.adapters, plan.config, ct.compute_dtype(options.precision, denoiser.device),
                               step=plan.start, optimizer_factory=preset.optimizer_factory)
+            if plan.optimizer_state:
+                load_optimizer_state_into(trainer, plan.optimizer_state)
             node_id = cls.hidden.unique_id if cls.hidden is not None else None
             progress = ct.Progress(node_id, plan.start, plan.until, options.preview_every, clone, trainer)
             saver = Checkpointer(trainer, arch.name, plan.method, plan.stage,

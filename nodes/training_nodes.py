@@ -170,7 +170,7 @@ class EmbroideryTrainStage1(TrainerNode):
         config = EmoLoRAConfig(rank=rank, alpha=alpha, learning_rate=options.learning_rate,
                                weight_decay=options.weight_decay, stage1_iterations=options.iterations,
                                seed=options.seed)
-        resume, start = cls.resume(options, model, 1)
+        resume, start, state = cls.resume(options, model, 1)
         if resume is not None:
             check_resume_range(options.resume_from, start, config.stage1_iterations, "iterations")
         with torch.inference_mode(False):
@@ -179,7 +179,8 @@ class EmbroideryTrainStage1(TrainerNode):
             if resume is not None:
                 adapters.load_style_lora(resume)
             plan = TrainPlan(EMOLORA, 1, config, pair, _encode_pair(model, clip, vae, pair, model.load_device),
-                             adapters, start, config.stage1_iterations, metadata=updated_history(resume))
+                             adapters, start, config.stage1_iterations, metadata=updated_history(resume),
+                             optimizer_state=state)
             lora, patched, losses = cls.train(model, options, plan)
         return io.NodeOutput(lora, patched, losses)
 
@@ -234,7 +235,7 @@ class EmbroideryTrainStage2(TrainerNode):
         config = EmoLoRAConfig(rank=lora.rank, learning_rate=options.learning_rate, weight_decay=options.weight_decay,
                                stage2_iterations=options.iterations, generated_weight=generated_weight,
                                contrastive_weight=contrastive_weight, tau=tau, seed=options.seed)
-        resume, start = cls.resume(options, model, 2)
+        resume, start, state = cls.resume(options, model, 2)
         stage2_start = int(resume.metadata.get(keys.STAGE2_START, stage1_step)) if resume else stage1_step
         start = start or stage1_step
         until = stage2_start + config.stage2_iterations
@@ -249,8 +250,11 @@ class EmbroideryTrainStage2(TrainerNode):
                          for s, img, des in zip(lines, images, designs)]
             meta = {**updated_history(resume or lora), keys.STAGE2_START: str(stage2_start),
                     keys.STAGE2_SUBJECTS: "|".join(lines), keys.STAGE1_RUN_ID: _source_id(lora)}
+            # stage 2 continues stage 1's AdamW (moments and step counts) as the official code does;
+            # a resumed stage 2 its own checkpoint's
+            state = state if resume is not None else lora.optimizer_state
             plan = TrainPlan(EMOLORA, 2, config, pair, _encode_pair(model, clip, vae, pair, model.load_device),
-                             adapters, start, until, generated, meta)
+                             adapters, start, until, generated, meta, optimizer_state=state)
             trained, patched, losses = cls.train(model, options, plan)
         preview = torch.cat([side_by_side(images, height=images[0].shape[1]),
                              side_by_side(designs, height=designs[0].shape[1])], dim=1)

@@ -377,3 +377,77 @@ def test_a_checkpoint_never_overwrites_a_good_file_with_a_diverged_state(tiny_un
     with pytest.raises(ValueError, match="diverged"):
         checkpoint(2, 10, {})
     assert path.read_bytes() == good and load_lora(path, arch="sdxl").non_finite() == []
+
+
+# ---------------------------------------------------------------------------- optimizer state, pair order
+
+def _weights(adapters):
+    return {n: p.detach().clone() for n, p in adapters.named_parameters()}
+
+
+def test_stage2_from_the_stage1_file_continues_adamw_as_an_unbroken_run(tiny_unet):
+    """The official stage 2 resumes stage 1's optimizer: a stage 2 built from the exported stage-1
+    LoRA and its optimizer state makes exactly the updates of one run through both stages."""
+    from embroidery_core.trainer import load_optimizer_state
+
+    pair, generated = make_pair(0), [make_pair(1), make_pair(2)]
+    unbroken = make_trainer(tiny_unet)
+    with installed(tiny_unet, unbroken.adapters):
+        run_stage1(unbroken, pair, until=3)
+        run_stage2(unbroken, pair, generated, until=6)
+    results = {}
+    for carry in (True, False):
+        first = make_trainer(tiny_unet)
+        with installed(tiny_unet, first.adapters):
+            run_stage1(first, pair, until=3)
+        stage1 = export(first, "sdxl", EMOLORA, 1)
+        second = Trainer(first.denoiser, AdapterSet.from_style_lora(tiny_unet, stage1, seed=1), first.config, step=3)
+        if carry:
+            assert load_optimizer_state(second, stage1.optimizer_state) == 2 * len(second.adapters.names)
+        with installed(tiny_unet, second.adapters):
+            run_stage2(second, pair, generated, until=6)
+        results[carry] = _weights(second.adapters)
+    expected = _weights(unbroken.adapters)
+    assert all(torch.equal(results[True][n], expected[n]) for n in expected)
+    assert any(not torch.equal(results[False][n], expected[n]) for n in expected)  # a fresh AdamW differs
+
+
+def test_optimizer_state_round_trips_through_its_file_and_between_presets(tiny_unet, tmp_path):
+    from embroidery_core.lora_file import load_optimizer_state as read_state, optimizer_path, save_optimizer_state
+    from embroidery_core.presets import cpu_offload_adamw
+    from embroidery_core.trainer import load_optimizer_state, optimizer_state
+
+    pair = make_pair()
+    first = make_trainer(tiny_unet)
+    with installed(tiny_unet, first.adapters):
+        run_stage1(first, pair, until=2)
+    state = optimizer_state(first)
+    assert {k.rsplit(".", 1)[1] for k in state} == {"step", "exp_avg", "exp_avg_sq"}
+    path = tmp_path / "ckpt.safetensors"
+    save_optimizer_state(state, path, {"embroidery.step": "2"})
+    assert optimizer_path(path).endswith(".safetensors.optimizer")
+    loaded, meta = read_state(path)
+    assert meta == {"embroidery.step": "2"} and all(torch.equal(loaded[k], state[k]) for k in state)
+    # into the low-VRAM preset's optimizer: the next update is the one plain AdamW makes
+    lora = export(first, "sdxl", EMOLORA, 1)
+    updates = []
+    for factory in (None, cpu_offload_adamw):
+        trainer = Trainer(first.denoiser, AdapterSet.from_style_lora(tiny_unet, lora, seed=1), first.config, step=2,
+                          optimizer_factory=factory)
+        load_optimizer_state(trainer, loaded)
+        with installed(tiny_unet, trainer.adapters):
+            run_stage1(trainer, pair, until=3)
+        updates.append(_weights(trainer.adapters))
+    assert all(torch.allclose(updates[0][n], updates[1][n], atol=1e-6) for n in updates[0])
+    with pytest.raises(ValueError, match="the optimizer state is of other adapters"):
+        load_optimizer_state(trainer, {"adapters.nowhere.down.step": torch.tensor(1.0)})
+
+
+def test_generated_pairs_come_in_a_new_seeded_order_every_pass():
+    from embroidery_core.trainer import generated_index
+
+    passes = [[generated_index(42, epoch * 3 + i, 3) for i in range(3)] for epoch in range(8)]
+    assert all(sorted(p) == [0, 1, 2] for p in passes)  # every pair once per pass
+    assert len({tuple(p) for p in passes}) > 1  # shuffled, not cycled
+    assert passes == [[generated_index(42, epoch * 3 + i, 3) for i in range(3)] for epoch in range(8)]
+    assert passes != [[generated_index(7, epoch * 3 + i, 3) for i in range(3)] for epoch in range(8)]

@@ -44,7 +44,7 @@ from embroidery_core.lora_file import StyleLoRA
 from embroidery_core.pair import design_prompt, embroidery_prompt
 from embroidery_core import keys
 from embroidery_core.methods import EMOLORA, EmoLoRAConfig, train_emolora
-from embroidery_core.trainer import PairLatents, Trainer, export, resume_point, run_phase
+from embroidery_core.trainer import PairLatents, Trainer, export, load_optimizer_state, resume_point, run_phase
 from .generator import DESIGN_COLOURS, HELD_OUT, PALETTE, REFERENCE_COLOURS, TRIGGER, sample_pair
 from .model import load_toy_model, to_latent, toy_denoiser
 from .sample import generate
@@ -198,11 +198,14 @@ def generate_pairs(unet, encoder, lora: StyleLoRA, subjects, config: ToyRunConfi
 
 def train_stage2(unet, pair: PairLatents, stage1: StyleLoRA, generated: list[PairLatents],
                  config: ToyRunConfig, on_step=None) -> StyleLoRA:
-    """EmbroideryTrainStage2's core: resume the stage-1 LoRA in a fresh adapter set, run_stage2."""
+    """EmbroideryTrainStage2's core: the stage-1 LoRA in a fresh adapter set, stage 1's AdamW
+    state, then stage 2."""
     emo = config.emolora()
     _, start = resume_point(stage1, EMOLORA)
     adapters = AdapterSet.from_style_lora(unet, stage1, seed=emo.seed)
     trainer = Trainer(toy_denoiser(unet), adapters, emo, step=start)
+    if stage1.optimizer_state:  # stage 2 continues stage 1's AdamW, as the node does
+        load_optimizer_state(trainer, stage1.optimizer_state)
     with installed(unet, adapters):
         run_phase(trainer, EMOLORA.phase(2), pair, start + emo.stage2_iterations, generated, on_step)
     return export(trainer, ARCH, EMOLORA, 2, stage1.metadata)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from embroidery_core.lora_file import load_lora, save_lora
+from embroidery_core.lora_file import load_lora, load_optimizer_state, optimizer_path, save_lora
 
 from .test_bad_inputs import _checkpoints
 from .test_training_nodes import TRAIN, pair, sd15, stage1  # noqa: F401 (fixtures)
@@ -107,8 +107,11 @@ def test_resume_continues_from_the_checkpoint_metadata(pack, sd15, pair, loras_d
     train_lora(pack, model, clip, vae, pair, checkpoint_every=1)
     (checkpoint,) = (loras_dir / "embroidery_checkpoints").glob("emb_lora1_*.safetensors")
     assert load_lora(checkpoint).metadata["embroidery.step"] == "2"
+    state, tag = load_optimizer_state(checkpoint)  # AdamW's state beside it, tied to its step and run
+    assert tag["embroidery.step"] == "2" and any(k.endswith(".exp_avg") for k in state)
     renamed = loras_dir / "my_blora.safetensors"
     os.replace(checkpoint, renamed)
+    os.replace(optimizer_path(checkpoint), optimizer_path(renamed))
     lora, _, losses = train_lora(pack, model, clip, vae, pair, iterations=4, resume_from=renamed.name)
     assert lora.metadata["embroidery.step"] == "4" and len(losses["loss"]) == 2
 
@@ -129,3 +132,23 @@ def test_cancel_stops_within_one_step_and_leaves_no_file(pack, sd15, pair, loras
         mm.interrupt_current_processing(False)
         hook.remove()
     assert len(passes) == 1 and _checkpoints(loras_dir) == []
+
+
+def test_stage2_continues_the_stage1_optimizer_state(pack, sd15, pair, loras_dir):
+    """The stage-1 LoRA a Stage 1 node outputs carries its AdamW state, and Stage 2 uses it: the
+    same stage 2 from the same weights without that state trains to other weights."""
+    import dataclasses
+
+    model, clip, vae = sd15
+    lora = stage1(pack, model, clip, vae, pair, iterations=2)[0]
+    assert lora.optimizer_state and all(torch.isfinite(v).all() for v in lora.optimizer_state.values())
+    results = []
+    for connected in (lora, dataclasses.replace(lora, optimizer_state=None)):
+        with torch.inference_mode():
+            trained = pack["EmbroideryTrainStage2"].execute(
+                model, clip, vae, pair, connected, "apple", 0.1, 1e-4, 1.0, 1, 5.0,
+                **{**TRAIN, "learning_rate": 1e-3, "iterations": 1, "checkpoint_every": 0,
+                   "resume_from": "(none)"}).result[0]
+        results.append(trained)
+    with_state, fresh = results
+    assert any(not torch.equal(with_state.modules[n].up, fresh.modules[n].up) for n in with_state.modules)
