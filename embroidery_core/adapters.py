@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import keys
-from .blocks import block_of
+from .blocks import block_of, block_sort_key
 from .lora_file import StyleLoRA, lora_from_modules
 
 ROUTED_PROJECTIONS = ("attn2.to_k", "attn2.to_v")  # what reads the text context in cross-attention
@@ -165,6 +165,168 @@ class AdapterSet(nn.Module):
                 dst.down.copy_(src.down)
                 dst.up.copy_(src.up)
                 dst.alpha = src.alpha
+
+
+# ---------------------------------------------------------------------------- Pair Customization
+
+PAIR_SEED = 123846  # the official Pair Customization code's seed of the orthonormal bases
+PAIR_GROUPS = ("content", "style")
+
+
+def orthonormal_downs(width: int, rank: int, seed: int = PAIR_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair Customization's frozen down matrices for inputs of ``width`` features: the rows
+    [0:r] and [r:2r] of the Q of a seeded random width x width matrix, so A_content A_style^T = 0
+    and each has orthonormal rows."""
+    if 2 * rank > width:
+        raise ValueError(f"Pair Customization needs rank <= half the input width: rank {rank} at width {width}; "
+                         f"lower the rank to {width // 2} or less")
+    q, _ = torch.linalg.qr(torch.randn(width, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q[:rank].float().contiguous(), q[rank:2 * rank].float().contiguous()
+
+
+class PairAdapter(nn.Module):
+    """A content and a style LoRA on one module: frozen orthonormal downs (buffers, never
+    trained), trainable ups starting at zero; delta = sum over active groups of up_g down_g x
+    alpha / rank."""
+
+    def __init__(self, content_down: torch.Tensor, style_down: torch.Tensor, out_features: int, alpha: float):
+        super().__init__()
+        rank = content_down.shape[0]
+        self.register_buffer("down_content", content_down.clone())
+        self.register_buffer("down_style", style_down.clone())
+        self.up_content = nn.Parameter(torch.zeros(out_features, rank))
+        self.up_style = nn.Parameter(torch.zeros(out_features, rank))
+        self.alpha = float(alpha)
+
+    @property
+    def rank(self) -> int:
+        return self.down_content.shape[0]
+
+    def down(self, group: str) -> torch.Tensor:
+        return getattr(self, f"down_{group}")
+
+    def up(self, group: str) -> nn.Parameter:
+        return getattr(self, f"up_{group}")
+
+    def forward(self, x: torch.Tensor, groups: Iterable[str]) -> torch.Tensor | None:
+        out = None
+        for group in groups:
+            delta = F.linear(F.linear(x, self.down(group).to(x.dtype)), self.up(group).to(x.dtype))
+            out = delta if out is None else out + delta
+        return None if out is None else out * (self.alpha / self.rank)
+
+
+class PairAdapterSet(nn.Module):
+    """Pair Customization's two LoRAs of one run, with the switches its steps need: which groups
+    are active in a forward (``only``) and which one learns (``set_trainable``). Same interface as
+    :class:`AdapterSet`, so the trainer drives it unchanged; ``style_blocks`` is every block (the
+    style LoRA is applied whole)."""
+
+    def __init__(self, targets: dict[str, tuple[int, int]], rank: int = 64, alpha: float = 64.0,
+                 seed: int = PAIR_SEED):
+        super().__init__()
+        self.names = sorted(targets)
+        bases = {}
+        for width in sorted({targets[n][0] for n in self.names}):
+            bases[width] = orthonormal_downs(width, rank, seed)
+        self.adapters = nn.ModuleDict({_key(n): PairAdapter(*bases[targets[n][0]], targets[n][1], alpha)
+                                       for n in self.names})
+        self.style_blocks = sorted({block_of(n) for n in self.names}, key=block_sort_key)
+        self.routed_modules: set[str] = set()  # no prompt routing
+        self.enabled = True
+        self.active_groups: tuple[str, ...] = PAIR_GROUPS
+        self.routed_context = None
+
+    def adapter(self, name: str) -> PairAdapter:
+        return self.adapters[_key(name)]
+
+    def is_style(self, name: str) -> bool:
+        return True
+
+    def set_trainable(self, which: str) -> None:
+        """Only ``which`` group's ups learn ("content" or "style"); the downs never do."""
+        if which not in PAIR_GROUPS:
+            raise ValueError(f"trainable group must be one of {PAIR_GROUPS}, got {which!r}")
+        for n in self.names:
+            for group in PAIR_GROUPS:
+                self.adapter(n).up(group).requires_grad_(group == which)
+
+    @contextlib.contextmanager
+    def only(self, groups: Iterable[str]):
+        """While active, only ``groups`` add their LoRA (the content step runs theta + theta_c)."""
+        previous, self.active_groups = self.active_groups, tuple(groups)
+        try:
+            yield
+        finally:
+            self.active_groups = previous
+
+    @contextlib.contextmanager
+    def routed(self, context):
+        yield  # Pair Customization does not route prompts
+
+    @contextlib.contextmanager
+    def disabled(self):
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def wrap(self, name: str, original: Callable) -> Callable:
+        adapter = self.adapter(name)
+
+        def forward(x, *args, **kwargs):
+            out = original(x, *args, **kwargs)
+            if self.enabled:
+                delta = adapter(x, self.active_groups)
+                if delta is not None:
+                    out = out + delta.to(out.dtype)
+            return out
+
+        return forward
+
+    def to_style_lora(self, arch: str, metadata: dict[str, str] | None = None, group: str = "style") -> StyleLoRA:
+        """One of the two LoRAs as an ordinary LoRA file's content (down = the frozen basis)."""
+        modules = {}
+        for n in self.names:
+            a = self.adapter(n)
+            modules[n] = (a.down(group).detach().float().cpu().clone(), a.up(group).detach().float().cpu().clone(),
+                          a.alpha)
+        meta = dict(metadata or {})
+        meta[keys.STYLE_BLOCKS] = ",".join(self.style_blocks)
+        return lora_from_modules(arch, modules, meta)
+
+    EXTRA_PREFIX = "extra."
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint of the style LoRA alone lacks to resume: the content LoRA's ups
+        (kept beside the checkpoint with the optimizer state)."""
+        return {f"{self.EXTRA_PREFIX}{n}.up_content": self.adapter(n).up_content.detach().float().cpu().clone()
+                for n in self.names}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names if f"{self.EXTRA_PREFIX}{n}.up_content" not in state]
+        if missing:
+            raise ValueError(f"the saved training state lacks the content LoRA of {len(missing)} modules "
+                             f"(e.g. {missing[0]}); resume from a checkpoint of this trainer")
+        with torch.no_grad():
+            for n in self.names:
+                self.adapter(n).up_content.copy_(state[f"{self.EXTRA_PREFIX}{n}.up_content"])
+
+    def load_style_lora(self, lora: StyleLoRA, group: str = "style") -> None:
+        """Continue ``group`` from a LoRA this set wrote: same modules and rank, and the same frozen
+        basis (another seed or rank would not be the same run)."""
+        missing = [n for n in self.names if n not in lora.modules]
+        if missing:
+            raise ValueError(f"the {group} LoRA to resume lacks {len(missing)} of the {len(self.names)} trained modules "
+                             f"(e.g. {missing[0]}); resume only from a file this trainer wrote")
+        with torch.no_grad():
+            for n in self.names:
+                src, dst = lora.modules[n], self.adapter(n)
+                if src.up.shape != dst.up(group).shape or not torch.allclose(src.down, dst.down(group), atol=1e-6):
+                    raise ValueError(f"the {group} LoRA to resume has another rank or basis at {n} than this run "
+                                     "(rank and seed must match the file)")
+                dst.up(group).copy_(src.up)
 
 
 def linear_targets(root: nn.Module, names: Iterable[str]) -> dict[str, tuple[int, int]]:

@@ -33,6 +33,7 @@ STYLE_BLOCKS = PREFIX + "style_blocks"
 CONTENT_BLOCKS = PREFIX + "content_blocks"
 TRAIN_PROMPT = PREFIX + "train_prompt"  # the prompt a one-prompt method trained with
 RECIPE = PREFIX + "recipe"              # the one-image LoRA recipe (methods.LORA_RECIPES)
+PAIR_GROUP = PREFIX + "pair_group"      # Pair Customization: "content" or "style" LoRA of the pair
 PRECISION = PREFIX + "precision"
 MEMORY_PRESET = PREFIX + "memory_preset"
 

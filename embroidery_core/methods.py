@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import keys
-from .adapters import AdapterSet, Checkpointing, installed, linear_targets
+from .adapters import AdapterSet, Checkpointing, PairAdapterSet, installed, linear_targets
 from .diffusion import Denoiser
 from .trainer import (ContrastiveTerm, DiffusionTerm, Method, PairLatents, Phase, StepCallback, Trainer, export,
                       loss_map, run_phase)
@@ -113,6 +113,39 @@ LORA_RECIPES: dict[str, LoRARecipe] = {r.name: r for r in (
 )}
 
 
+# --- Pair Customization ----------------------------------------------------------------------
+
+@dataclass
+class PairConfig:
+    """Pair Customization (METHODS.md section 2, official code): a content and a style LoRA on
+    every attention layer, frozen orthonormal downs, only the ups train."""
+
+    rank: int = 64
+    alpha: float = 64.0
+    learning_rate: float = 1e-5
+    weight_decay: float = 1e-4
+    iterations: int = 750          # optimizer steps, each over `accumulate` draws
+    style_start: int = 250         # the style step joins at this step
+    accumulate: int = 4
+    basis_seed: int = 123846       # of the orthonormal downs (adapters.PAIR_SEED)
+    seed: int = 0
+
+
+def pair_customization(config: PairConfig = PairConfig()) -> Method:
+    """Content step every step: the design with its prompt through theta + theta_c, content ups
+    learn. Style step from ``style_start``: the embroidery with "a <subject> in <trigger> style"
+    through theta + theta_c + theta_s, the content LoRA active but frozen, style ups learn. Same
+    noise and timestep in both, gradient accumulation over ``accumulate`` draws."""
+    content = DiffusionTerm("content", trainable="content", image="design", active=("content",))
+    style = DiffusionTerm("style", trainable="style", image="embroidery", prompt="embroidery",
+                          start=config.style_start, active=("content", "style"))
+    return Method("pair_customization", phases=(Phase(1, (content, style), accumulate=config.accumulate),),
+                  labels=(("content", "content"), ("style", "style")), file_tag="pair")
+
+
+PAIR_CUSTOMIZATION = pair_customization()
+
+
 # --- plain-torch pipelines (the toy world, tests) --------------------------------------------
 
 def _adapters(unet: torch.nn.Module, arch, blocks: list[str] | None, style_blocks: list[str], config) -> AdapterSet:
@@ -168,3 +201,17 @@ def train_lora(denoiser: Denoiser, unet: torch.nn.Module, pair: PairLatents, blo
         history = run_phase(trainer, LORA.phase(1), pair, config.iterations, on_step=on_step)
     meta = {**(metadata or {}), keys.CONTENT_BLOCKS: ",".join(b for b in blocks if b not in style)}
     return export(trainer, arch.name, LORA, 1, meta), loss_map(history)
+
+
+def train_pair(denoiser: Denoiser, unet: torch.nn.Module, pair: PairLatents, arch, config: PairConfig = PairConfig(),
+               on_step: StepCallback | None = None, metadata: dict[str, str] | None = None):
+    """Pair Customization on a plain torch UNet: (the style LoRA, the content LoRA, the loss curves)."""
+    adapters = PairAdapterSet(linear_targets(unet, arch.attention_modules()), config.rank, config.alpha,
+                              config.basis_seed)
+    trainer = Trainer(denoiser, adapters, config)
+    method = pair_customization(config)
+    with _on(unet, adapters, False):
+        history = run_phase(trainer, method.phase(1), pair, config.iterations, on_step=on_step)
+    style = export(trainer, arch.name, method, 1, {**(metadata or {}), keys.PAIR_GROUP: "style"})
+    content = adapters.to_style_lora(arch.name, {**style.metadata, keys.PAIR_GROUP: "content"}, group="content")
+    return style, content, loss_map(history)

@@ -118,9 +118,18 @@ class Trainer:
             return self.denoiser(x_t, sigma, cond)
 
     def update(self, trainable: str, loss: torch.Tensor) -> torch.Tensor:
+        self.begin(trainable)
+        self._backward(loss)
+        self.finish(trainable)
+        return loss.detach()
+
+    def begin(self, trainable: str) -> None:
+        """Start an optimizer step of group ``trainable``: only it learns, no gradient left over."""
         self.adapters.set_trainable(trainable)
         self.optimizer.zero_grad(set_to_none=True)
-        self._backward(loss)
+
+    def finish(self, trainable: str) -> None:
+        """The optimizer step over the gradients backpropagated since :meth:`begin`."""
         self._record_updated(trainable)
         if self.scaler is None:
             self.optimizer.step()
@@ -128,7 +137,6 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
 
     def _backward(self, loss: torch.Tensor) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
@@ -166,6 +174,7 @@ def load_optimizer_state(trainer: Trainer, state: dict[str, torch.Tensor]) -> in
     """Continue AdamW from :func:`optimizer_state`'s output; returns how many parameters got
     their state. ValueError when it was taken from other adapters (names or shapes differ)."""
     params = dict(trainer.adapters.named_parameters())
+    state = {k: v for k, v in state.items() if not k.startswith("extra.")}  # the adapters' own (extra_state)
     names = {key.rsplit(".", 1)[0] for key in state}
     unknown = sorted(names - set(params))
     if unknown:
@@ -185,11 +194,15 @@ def load_optimizer_state(trainer: Trainer, state: dict[str, torch.Tensor]) -> in
     return len(names)
 
 
-def _draw(trainer: Trainer, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _draws(trainer: Trainer, like: torch.Tensor, count: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` (noise, sigma) draws of one iteration, from the (seed, step) generator."""
     g = trainer.generator()
-    noise = torch.randn(like.shape, generator=g).to(like)
-    sigma = trainer.denoiser.sample_sigma(like.shape[0], g).to(like.device)
-    return noise, sigma
+    draws = []
+    for _ in range(count):
+        noise = torch.randn(like.shape, generator=g).to(like)
+        sigma = trainer.denoiser.sample_sigma(like.shape[0], g).to(like.device)
+        draws.append((noise, sigma))
+    return draws
 
 
 def _step_loss(trainer: Trainer, trainable: str, x0, noise, sigma, cond, routed=None, weights=None):
@@ -201,6 +214,21 @@ def _step_loss(trainer: Trainer, trainable: str, x0, noise, sigma, cond, routed=
         trainer.last_x0 = denoised(trainer.denoiser.prediction, out.detach().float(), x_t, sigma)
         loss = diffusion_loss(out, target(trainer.denoiser.prediction, x0, noise, sigma), weights)
         return trainer.update(trainable, loss)
+
+
+def _accumulated_loss(trainer: Trainer, trainable: str, x0, draws, cond, weights=None) -> torch.Tensor:
+    """One optimizer step over the mean loss of several draws (gradient accumulation)."""
+    trainer.begin(trainable)
+    total = torch.zeros(())
+    for noise, sigma in draws:
+        x_t = add_noise(trainer.denoiser.prediction, x0, noise, sigma)
+        out = trainer.predict(x_t, sigma, cond)
+        trainer.last_x0 = denoised(trainer.denoiser.prediction, out.detach().float(), x_t, sigma)
+        loss = diffusion_loss(out, target(trainer.denoiser.prediction, x0, noise, sigma), weights) / len(draws)
+        trainer._backward(loss)
+        total = total + loss.detach().float().cpu()
+    trainer.finish(trainable)
+    return total
 
 
 # ---------------------------------------------------------------------------- methods as data
@@ -221,11 +249,20 @@ class DiffusionTerm:
     prompt: str = "design"
     routed: str | None = None
     start: int = 0
+    active: tuple[str, ...] | None = None  # adapter groups that add their LoRA (None = every one)
 
-    def __call__(self, trainer: Trainer, batch: PairLatents, noise, sigma, weights) -> torch.Tensor:
-        routed = None if self.routed is None else batch.cond(self.routed)
-        return _step_loss(trainer, self.trainable, batch.image(self.image), noise, sigma, batch.cond(self.prompt),
-                          routed=routed, weights=weights)
+    def __call__(self, trainer: Trainer, batch: PairLatents, draws, weights) -> torch.Tensor:
+        only = contextlib.nullcontext() if self.active is None else trainer.adapters.only(self.active)
+        with only:  # through backward too: gradient checkpointing re-runs the forward there
+            if len(draws) > 1:
+                if self.routed is not None:
+                    raise ValueError("gradient accumulation with prompt routing is not supported")
+                return _accumulated_loss(trainer, self.trainable, batch.image(self.image), draws,
+                                         batch.cond(self.prompt), weights)
+            (noise, sigma), = draws
+            routed = None if self.routed is None else batch.cond(self.routed)
+            return _step_loss(trainer, self.trainable, batch.image(self.image), noise, sigma, batch.cond(self.prompt),
+                              routed=routed, weights=weights)
 
 
 @dataclass(frozen=True)
@@ -245,7 +282,10 @@ class ContrastiveTerm:
     trainable: str = "style"
     start: int = 0
 
-    def __call__(self, trainer: Trainer, batch: PairLatents, noise, sigma, weights) -> torch.Tensor:
+    def __call__(self, trainer: Trainer, batch: PairLatents, draws, weights) -> torch.Tensor:
+        if len(draws) != 1:
+            raise ValueError("the contrastive step takes one draw per iteration (no gradient accumulation)")
+        (noise, sigma), = draws
         z = add_noise(trainer.denoiser.prediction, batch.design, noise, sigma)
         with torch.no_grad():
             eps_des = (trainer.predict(z, sigma, batch.design_cond)
@@ -265,11 +305,14 @@ Term = DiffusionTerm | ContrastiveTerm
 class Phase:
     """One phase of a method: the terms of each iteration, in order, with the same noise and
     timestep. With ``generated``, each iteration batches the reference pair with one generated
-    pair, weighted 1 and the config's ``generated_weight`` (EmoLoRA's stage 2)."""
+    pair, weighted 1 and the config's ``generated_weight`` (EmoLoRA's stage 2). With
+    ``accumulate`` N, each term's optimizer step averages N draws, the k-th draw shared by all
+    terms (Pair Customization: gradient accumulation 4)."""
 
     number: int
     terms: tuple[Term, ...]
     generated: bool = False
+    accumulate: int = 1
 
 
 @dataclass(frozen=True)
@@ -301,9 +344,8 @@ def iteration(trainer: Trainer, phase: Phase, pair: PairLatents,
             raise ValueError(f"phase {phase.number} trains on generated pairs; none was given")
         batch = PairLatents.batch([pair, generated])
         weights = torch.tensor([1.0, trainer.config.generated_weight])
-    noise, sigma = _draw(trainer, batch.design)
-    losses = {term.name: term(trainer, batch, noise, sigma, weights)
-              for term in phase.terms if trainer.step >= term.start}
+    draws = _draws(trainer, batch.design, phase.accumulate)
+    losses = {term.name: term(trainer, batch, draws, weights) for term in phase.terms if trainer.step >= term.start}
     trainer.step += 1
     return losses
 
@@ -411,7 +453,8 @@ def export(trainer: Trainer, arch: str, method: Method, stage: int, metadata: di
     if diverged:
         raise ValueError(f"training diverged by step {trainer.step}: {len(diverged)} LoRA modules hold "
                          "NaN or inf; the last checkpoint is kept. Lower the learning rate, or use precision fp32")
-    lora.optimizer_state = optimizer_state(trainer)
+    extra = trainer.adapters.extra_state() if hasattr(trainer.adapters, "extra_state") else {}
+    lora.optimizer_state = {**optimizer_state(trainer), **extra}
     return lora
 
 

@@ -219,6 +219,19 @@ def lora_blocks(model, lora_name: str, preset: str, custom: str, node: str) -> t
     return chosen, selected
 
 
+def connected_lora_blocks(model, lora: StyleLoRA, preset: str, custom: str, node: str) -> StyleLoRA:
+    """The chosen blocks of a LoRA connected from a trainer node, checked against ``model`` as a
+    file would be (family, every module's shape, finite weights)."""
+    arch = model_family(model, node)
+    chosen = resolve_blocks(preset, custom, arch, node)
+    require_fit(lora, weight_shapes(model), arch.name, what="the connected LoRA")
+    selected = lora.filter_blocks(chosen)
+    if not selected.modules:
+        raise NodeInputError(node, f"the connected LoRA has no weights in {', '.join(chosen)}; it touches "
+                                   f"{', '.join(lora.blocks()) or 'no UNet block'}. Pick blocks it has.")
+    return selected
+
+
 def apply_lora_patches(model, lora: StyleLoRA, strength: float, node: str):
     """Clone ``model`` and add the LoRA as ordinary weight patches (no sampling overhead)."""
     import comfy.lora

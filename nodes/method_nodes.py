@@ -1,5 +1,6 @@
 """The seed methods' trainers in the graph: the one-image LoRA recipes (B-LoRA, DiffStyler's
-style LoRA, your own blocks). Each is one TrainerNode subclass over a core method."""
+style LoRA, your own blocks) and Pair Customization. Each is one TrainerNode subclass over a core
+method."""
 from __future__ import annotations
 
 import torch
@@ -7,13 +8,15 @@ import torch
 from comfy_api.latest import io
 
 from ..embroidery_core import keys
-from ..embroidery_core.adapters import AdapterSet, linear_targets
-from ..embroidery_core.methods import LORA, LORA_RECIPES, LoRAConfig
+from ..embroidery_core.adapters import AdapterSet, PairAdapterSet, linear_targets
+from ..embroidery_core.images import resize_to_multiple
+from ..embroidery_core.methods import LORA, LORA_RECIPES, PAIR_CUSTOMIZATION, LoRAConfig, PairConfig, pair_customization
+from ..embroidery_core.pair import LATENT_MULTIPLE, AnalogyPair
 from ..embroidery_core.trainer import PairLatents, check_resume_range
 from . import comfy_training as ct
-from .common import CATEGORY, NodeInputError, check_choice, resolve_blocks
+from .common import CATEGORY, NodeInputError, StyleLoRAType, check_choice, resolve_blocks
 from .trainer_base import TrainerNode, TrainPlan, trainer_inputs, trainer_outputs, updated_history
-from .training_nodes import model_inputs
+from .training_nodes import encode_pair, model_inputs
 
 RECIPES = list(LORA_RECIPES)
 
@@ -106,4 +109,88 @@ class EmbroideryTrainLoRA(TrainerNode):
         return io.NodeOutput(lora, patched, losses)
 
 
-METHOD_NODES: list[type[io.ComfyNode]] = [EmbroideryTrainLoRA]
+PAIR_DEFAULTS = PairConfig()
+
+
+def _pair_at(pair: AnalogyPair, resolution: int, flip: bool) -> AnalogyPair:
+    """The pair at Pair Customization's training resolution (longer side; 0 = as it is), both
+    images mirrored when ``flip`` (the official code flips every training image)."""
+    images = [pair.embroidery, pair.design]
+    if resolution:
+        images = [resize_to_multiple(img, resolution, LATENT_MULTIPLE) for img in images]
+    if flip:
+        images = [img.flip(2) for img in images]
+    return AnalogyPair(images[0], images[1], pair.subject, pair.trigger)
+
+
+class EmbroideryTrainPairCustomization(TrainerNode):
+    METHOD = PAIR_CUSTOMIZATION
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EmbroideryTrainPairCustomization",
+            display_name="Train Pair Customization (Content + Style LoRAs)",
+            category=f"{CATEGORY}/training",
+            description="Pair Customization from the analogy pair (design = content image, embroidery = stylised "
+                        "image): a content and a style LoRA on every attention layer with frozen orthonormal down "
+                        "matrices; apply the style LoRA with Embroidery Style Guidance.",
+            inputs=[*model_inputs(),
+                    io.Int.Input("rank", default=PAIR_DEFAULTS.rank, min=1, max=256,
+                                 tooltip="Rank of each LoRA (official: 64, alpha = rank). At most half of the "
+                                         "narrowest attention input (SD1.5/SDXL: 160)."),
+                    io.Int.Input("resolution", default=512, min=0, max=2048, step=LATENT_MULTIPLE,
+                                 tooltip="Longer side the pair is trained at (official: 512, inference at 1024). "
+                                         "0 = the pair's own size."),
+                    io.Boolean.Input("flip", default=True,
+                                     tooltip="Mirror both images, as the official code does to every training image."),
+                    io.Int.Input("style_start", default=PAIR_DEFAULTS.style_start, min=0, max=10000,
+                                 tooltip="The style step joins at this step (official: 250 of 750); before it "
+                                         "only the content LoRA learns."),
+                    io.Int.Input("accumulate", default=PAIR_DEFAULTS.accumulate, min=1, max=64,
+                                 tooltip="Gradient accumulation: noise draws averaged per optimizer step "
+                                         "(official: 4). Each draw is one more UNet pass per step."),
+                    *trainer_inputs(PAIR_DEFAULTS.iterations, "Training", PAIR_DEFAULTS.learning_rate,
+                                    PAIR_DEFAULTS.weight_decay, PAIR_DEFAULTS.seed)],
+            outputs=[StyleLoRAType.Output(display_name="style_lora",
+                                          tooltip="The style LoRA: connect it to Embroidery Style Guidance (or save it)."),
+                     StyleLoRAType.Output(display_name="content_lora",
+                                          tooltip="The content LoRA (the pair's subject); save it to reuse."),
+                     io.LossMap.Output(display_name="loss", tooltip="Per-step content and style losses.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, pair, rank, resolution, flip, style_start, accumulate, **kw) -> io.NodeOutput:
+        arch, options = cls.check(model, kw)
+        node = cls.node_name()
+        if resolution and resolution % LATENT_MULTIPLE:
+            raise NodeInputError(node, f"resolution must be a multiple of {LATENT_MULTIPLE} (or 0), got {resolution}")
+        config = PairConfig(rank=rank, alpha=float(rank), learning_rate=options.learning_rate,
+                            weight_decay=options.weight_decay, iterations=options.iterations, style_start=style_start,
+                            accumulate=accumulate, seed=options.seed)
+        resume, start, state = cls.resume(options, model, 1)
+        if resume is not None:
+            check_resume_range(options.resume_from, start, config.iterations, "iterations")
+            if not state:
+                raise NodeInputError(node, f"{options.resume_from} has no training state beside it "
+                                           f"({options.resume_from}.optimizer, which holds the content LoRA); resume "
+                                           "from a checkpoint of this node in loras/embroidery_checkpoints")
+        trained_pair = _pair_at(pair, resolution, flip)
+        with torch.inference_mode(False):
+            targets = linear_targets(model.model.diffusion_model, arch.attention_modules())
+            adapters = PairAdapterSet(targets, config.rank, config.alpha, config.basis_seed)
+            if resume is not None:
+                adapters.load_style_lora(resume)
+                adapters.load_extra_state(state)
+            meta = {**updated_history(resume), keys.PAIR_GROUP: "style",
+                    keys.config_key("flip"): str(flip), keys.config_key("train_resolution"): str(resolution)}
+            plan = TrainPlan(pair_customization(config), 1, config, trained_pair,
+                             encode_pair(model, clip, vae, trained_pair, model.load_device), adapters, start,
+                             config.iterations, metadata=meta, optimizer_state=state)
+            style, _, losses = cls.train(model, options, plan)
+            content = adapters.to_style_lora(arch.name, {**style.metadata, keys.PAIR_GROUP: "content"}, group="content")
+        return io.NodeOutput(style, content, losses)
+
+
+METHOD_NODES: list[type[io.ComfyNode]] = [EmbroideryTrainLoRA, EmbroideryTrainPairCustomization]

@@ -14,8 +14,9 @@ from ..embroidery_core.guidance import (StyleGate, check_wrapper_shapes, check_w
 from ..embroidery_core.images import colour_fix
 from ..embroidery_core.lora_file import StyleLoRA, to_kohya_state_dict
 from ..embroidery_core.masks import partition_masks
-from .common import (BLOCK_PRESETS, CATEGORY, NodeInputError, PackNode, apply_lora_patches, load_model_lora,
-                     lora_blocks, lora_fingerprint, lora_path, model_family, resolve_blocks)
+from .common import (BLOCK_PRESETS, CATEGORY, NodeInputError, PackNode, StyleLoRAType, apply_lora_patches,
+                     connected_lora_blocks, load_model_lora, lora_blocks, lora_fingerprint, lora_path, model_family,
+                     resolve_blocks)
 
 NONE = "(none)"
 MAX_REGIONS = 3
@@ -133,6 +134,9 @@ class EmbroideryStyleGuidance(PackNode):
                                        "ControlNet. The paper's 'only while t <= 800' fallback is 0.2."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Stop guiding at this point of the schedule (1 = last step)."),
+                StyleLoRAType.Input("lora", optional=True,
+                                    tooltip="A LoRA straight from a trainer node (e.g. Pair Customization's "
+                                            "style_lora): when connected it is used instead of lora_name."),
             ],
             outputs=[io.Model.Output(tooltip="The model with style guidance; connect it to any sampler.")],
         )
@@ -143,12 +147,15 @@ class EmbroideryStyleGuidance(PackNode):
 
     @classmethod
     def execute(cls, model, lora_name, blocks, custom_blocks, weight, lora_strength,
-                start_percent, end_percent) -> io.NodeOutput:
+                start_percent, end_percent, lora=None) -> io.NodeOutput:
         node = "Embroidery Style Guidance"
         check_window(start_percent, end_percent)
         if weight == 0.0 or start_percent == end_percent:
             return io.NodeOutput(model)  # no extra pass at all: sampling is bit-identical to the plain model
-        lora = _style_lora(model, lora_name, blocks, custom_blocks, node)
+        if lora is not None:
+            lora = connected_lora_blocks(model, lora, blocks, custom_blocks, node)
+        else:
+            lora = _style_lora(model, lora_name, blocks, custom_blocks, node)
         return io.NodeOutput(attach_style_guidance(model, lora, weight, lora_strength, start_percent, end_percent))
 
 

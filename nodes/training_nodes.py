@@ -68,7 +68,7 @@ class EmbroideryAnalogyPair(PackNode):
         return io.NodeOutput(pair, preview, pair.design, ui=ui.PreviewImage(preview, cls=cls))
 
 
-def _encode_pair(model, clip, vae, pair, device) -> PairLatents:
+def encode_pair(model, clip, vae, pair, device) -> PairLatents:
     height, width = pair.embroidery.shape[1:3]
     return PairLatents(
         ct.encode_image(vae, model, pair.design, device), ct.encode_image(vae, model, pair.embroidery, device),
@@ -111,7 +111,7 @@ class EmbroideryFindStyleBlocks(PackNode):
         check_choice(selection, SELECTIONS, "selection", node)
         arch = _trainable_family(model, node)
         recorder = block_metric.FeatureRecorder(arch.attention_modules())
-        latents = _encode_pair(model, clip, vae, pair, model.load_device)
+        latents = encode_pair(model, clip, vae, pair, model.load_device)
         with ct.training_session(model, recorder, trainable_graph=False) as clone, torch.no_grad():
             denoiser = ct.ComfyDenoiser(clone)
             noise = torch.randn(latents.design.shape, generator=torch.Generator().manual_seed(seed)).to(latents.design)
@@ -178,7 +178,7 @@ class EmbroideryTrainStage1(TrainerNode):
             adapters = AdapterSet(targets, blocks, rank, alpha, seed=config.seed)
             if resume is not None:
                 adapters.load_style_lora(resume)
-            plan = TrainPlan(EMOLORA, 1, config, pair, _encode_pair(model, clip, vae, pair, model.load_device),
+            plan = TrainPlan(EMOLORA, 1, config, pair, encode_pair(model, clip, vae, pair, model.load_device),
                              adapters, start, config.stage1_iterations, metadata=updated_history(resume),
                              optimizer_state=state)
             lora, patched, losses = cls.train(model, options, plan)
@@ -246,14 +246,14 @@ class EmbroideryTrainStage2(TrainerNode):
             adapters = AdapterSet.from_style_lora(model.model.diffusion_model, lora, seed=config.seed)
             if resume is not None:
                 adapters.load_style_lora(resume)
-            generated = [_encode_pair(model, clip, vae, AnalogyPair(img, des, s, pair.trigger), model.load_device)
+            generated = [encode_pair(model, clip, vae, AnalogyPair(img, des, s, pair.trigger), model.load_device)
                          for s, img, des in zip(lines, images, designs)]
             meta = {**updated_history(resume or lora), keys.STAGE2_START: str(stage2_start),
                     keys.STAGE2_SUBJECTS: "|".join(lines), keys.STAGE1_RUN_ID: _source_id(lora)}
             # stage 2 continues stage 1's AdamW (moments and step counts) as the official code does;
             # a resumed stage 2 its own checkpoint's
             state = state if resume is not None else lora.optimizer_state
-            plan = TrainPlan(EMOLORA, 2, config, pair, _encode_pair(model, clip, vae, pair, model.load_device),
+            plan = TrainPlan(EMOLORA, 2, config, pair, encode_pair(model, clip, vae, pair, model.load_device),
                              adapters, start, until, generated, meta, optimizer_state=state)
             trained, patched, losses = cls.train(model, options, plan)
         preview = torch.cat([side_by_side(images, height=images[0].shape[1]),

@@ -3,6 +3,7 @@ blocks and says so in the file, the file loads in stock LoraLoader and changes t
 are refused with the fix, resume continues the step count, Cancel leaves no file."""
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -152,3 +153,60 @@ def test_stage2_continues_the_stage1_optimizer_state(pack, sd15, pair, loras_dir
         results.append(trained)
     with_state, fresh = results
     assert any(not torch.equal(with_state.modules[n].up, fresh.modules[n].up) for n in with_state.modules)
+
+
+PAIR_NODE = "Train Pair Customization (Content + Style LoRAs)"
+
+
+def train_pair(pack, model, clip, vae, pair, rank=4, resolution=0, flip=True, style_start=1, accumulate=2, **kw):
+    args = {**TRAIN, "iterations": 2, "checkpoint_every": 0, "resume_from": "(none)", **kw}
+    with torch.inference_mode():
+        return pack["EmbroideryTrainPairCustomization"].execute(model, clip, vae, pair, rank, resolution, flip,
+                                                                style_start, accumulate, **args).result
+
+
+def test_pair_customization_trains_two_orthogonal_loras_that_load_in_stock_loraloader(pack, family, pair, loras_dir,
+                                                                                       caplog):
+    import nodes
+
+    from embroidery_core.adapters import orthonormal_downs
+
+    name, (model, clip, vae) = family
+    arch = _arch(pack, model)
+    style, content, losses = train_pair(pack, model, clip, vae, pair)
+    assert losses["style"][0] is None and losses["style"][1] is not None and len(losses["content"]) == 2
+    assert style.metadata["embroidery.method"] == "pair_customization"
+    assert set(style.modules) == set(content.modules) == set(arch.attention_modules())
+    for path, module in style.modules.items():
+        content_down, style_down = orthonormal_downs(module.down.shape[1], 4)
+        assert torch.allclose(module.down, style_down, atol=1e-6) and torch.allclose(
+            content.modules[path].down, content_down, atol=1e-6), path
+    for lora, label in ((style, "style"), (content, "content")):
+        save_lora(lora, loras_dir / f"pair_{label}_{name}.safetensors")
+        with caplog.at_level(logging.WARNING):
+            patched = nodes.LoraLoaderModelOnly().load_lora_model_only(model, f"pair_{label}_{name}.safetensors", 1.0)[0]
+        assert "lora key not loaded" not in caplog.text
+        assert len(patched.patches) == len(lora.modules)
+    guided = pack["EmbroideryStyleGuidance"].execute(model, "(unused)", "all_attention", "", 4.0, 1.0, 0.0, 1.0,
+                                                     lora=style).result[0]
+    assert guided is not model and guided.model_options.get("sampler_post_cfg_function")
+
+
+def test_pair_customization_resumes_with_its_content_lora(pack, sd15, pair, loras_dir):
+    """Stopped at step 2 and resumed to 3, it ends where an unbroken 3-step run ends: the content
+    LoRA and AdamW's state come from the file beside the checkpoint."""
+    model, clip, vae = sd15
+    unbroken_style, unbroken_content, _ = train_pair(pack, model, clip, vae, pair, iterations=3)
+    train_pair(pack, model, clip, vae, pair, checkpoint_every=1)
+    (checkpoint,) = (loras_dir / "embroidery_checkpoints").glob("emb_pair1_*.safetensors")
+    assert os.path.isfile(optimizer_path(checkpoint))
+    style, content, losses = train_pair(pack, model, clip, vae, pair, iterations=3,
+                                        resume_from=f"embroidery_checkpoints/{checkpoint.name}")
+    assert style.metadata["embroidery.step"] == "3" and len(losses["content"]) == 1
+    for resumed, unbroken in ((style, unbroken_style), (content, unbroken_content)):
+        assert all(torch.allclose(resumed.modules[n].up, unbroken.modules[n].up, atol=1e-6) for n in resumed.modules)
+    os.remove(optimizer_path(checkpoint))
+    with pytest.raises(ValueError, match=rf"^{re.escape(PAIR_NODE)}: .* has no training state beside it"):
+        train_pair(pack, model, clip, vae, pair, iterations=4, resume_from=f"embroidery_checkpoints/{checkpoint.name}")
+    with pytest.raises(ValueError, match="rank <= half the input width"):
+        train_pair(pack, model, clip, vae, pair, rank=256)
