@@ -116,3 +116,15 @@ def test_round_trip_needs_base_check():
 def test_an_unknown_technique_is_refused():
     with pytest.raises(SystemExit):
         benchmark.main(["--techniques", "satin horizontal fine"])  # a training technique, not held out
+
+
+def test_runs_in_several_processes_give_the_numbers_of_one():
+    """--jobs: the runs are independent and seeded, so two worker processes (one thread each)
+    give exactly the single-process numbers, in the same order."""
+    torch.set_num_threads(1)  # what each worker uses: the same arithmetic
+    config = benchmark.ToyRunConfig(**benchmark.demo.QUICK)
+    args = (1, 1, 2, ("knot vertical fine",), config)
+    one = benchmark.run(*args, jobs=1)
+    two = benchmark.run(*args, jobs=2)
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "train_seconds"} for r in runs]  # noqa: E731
+    assert strip(one) == strip(two) and [r["seed"] for r in two] == [0, 1]

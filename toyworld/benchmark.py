@@ -45,8 +45,8 @@ import torch
 
 from embroidery_core.files import write_text
 from embroidery_core.lora_file import StyleLoRA
-from embroidery_core.methods import LoRAConfig, train_lora
-from embroidery_core.pair import embroidery_prompt
+from embroidery_core.methods import LoRAConfig, PairConfig, train_lora, train_pair
+from embroidery_core.pair import design_prompt, embroidery_prompt
 from embroidery_core.provenance import git_commit
 from embroidery_core.trainer import PairLatents
 from . import demo
@@ -54,14 +54,16 @@ from .classifier import load_classifier, predict
 from .demo import ARCH, METRIC_KEYS, STAGE2_SUBJECTS, ToyRunConfig
 from .generator import HELD_OUT, NEW_KIND_TECHNIQUES, TECHNIQUES, TRAIN_TECHNIQUES
 from .model import load_toy_model, toy_denoiser
-from .sample import generate
+from .sample import generate, style_guided
 
 BENCH_REFERENCE_SEED = 4_000_000  # + 1000 x technique index + reference index
 BENCH_DESIGN_SEED = 4_500_000
 NEW_KIND_CASE = NEW_KIND_TECHNIQUES[0]  # "chain horizontal fine"
 BENCH_TECHNIQUES = HELD_OUT + (NEW_KIND_CASE,)
-METHODS = ("emolora", "emolora_stage1", "blora", "full_lora", "no_lora", "ground_truth")
+METHODS = ("emolora", "emolora_stage1", "blora", "full_lora", "pair_customization", "no_lora", "ground_truth")
+PAIR_STYLE_WEIGHT = 4.0  # the paper's w_s
 LABELS = {"emolora": "EmoLoRA (stage 1 + 2)", "emolora_stage1": "EmoLoRA, no stage 2",
+          "pair_customization": "Pair Customization (w_s 4)",
           "blora": "B-LoRA (out 0.1 + 1.1)", "full_lora": "Full LoRA (all attention)", "no_lora": "No LoRA",
           "ground_truth": "Ground-truth render"}
 COLUMNS = (("technique_accuracy", "Technique acc. ↑"), ("attribute_accuracy", "Attribute acc. ↑"),
@@ -93,6 +95,17 @@ def train_single_prompt(unet, pair: PairLatents, blocks: list[str], iterations: 
                              weight_decay=emo.weight_decay, iterations=iterations, seed=emo.seed)
     lora, _ = train_lora(toy_denoiser(unet), unet, pair, blocks, unet.cfg.arch(ARCH), lora_config)
     return lora
+
+
+def train_pair_customization(unet, pair: PairLatents, iterations: int, config: ToyRunConfig) -> StyleLoRA:
+    """Pair Customization's style LoRA (the core's method) on the toy: the toy scale's rank and
+    learning rate, the official weight decay, the style step from a third of the run (250 of
+    750), no gradient accumulation (a quarter of the official cost, like the other rows)."""
+    emo = config.emolora()
+    pair_config = PairConfig(rank=emo.rank, alpha=emo.alpha, learning_rate=emo.learning_rate, iterations=iterations,
+                             style_start=iterations // 3, accumulate=1, seed=emo.seed)
+    style, _, _ = train_pair(toy_denoiser(unet), unet, pair, unet.cfg.arch(ARCH), pair_config)
+    return style
 
 
 # --- one run ---------------------------------------------------------------------------------
@@ -127,6 +140,10 @@ def run_one(unet, encoder, classifier, technique: str, reference_seed: int, seed
     outputs["blora"] = demo.stylize(unet, encoder, designs, subjects, config, blora, arch.preset("blora_style"), seed)
     full = timed("full_lora", lambda: train_single_prompt(unet, pair, arch.attention_blocks(), iterations, config))
     outputs["full_lora"] = demo.stylize(unet, encoder, designs, subjects, config, full, None, seed)
+    style_lora = timed("pair_customization", lambda: train_pair_customization(unet, pair, iterations, config))
+    outputs["pair_customization"] = style_guided(
+        unet, encoder, style_lora, PAIR_STYLE_WEIGHT, [design_prompt(s) for s in subjects],
+        [demo.style_prompt(s) for s in subjects], config.sample_steps, config.cfg, seed, designs, config.strength)
     outputs["no_lora"] = demo.stylize(unet, encoder, designs, subjects, config, None, None, seed)
     outputs["ground_truth"] = torch.cat([t.embroidery for t in targets])
     result = {m: demo.evaluate(outputs[m], reference, targets, classifier) for m in METHODS}
@@ -135,26 +152,42 @@ def run_one(unet, encoder, classifier, technique: str, reference_seed: int, seed
     return result
 
 
+_WORKER: dict = {}
+
+
+def _run_task(task) -> dict:
+    """One (technique, reference, seed) run, with the models loaded once per process."""
+    technique, k, seed, designs, config, weights, classifier_weights, threads = task
+    key = (weights, classifier_weights)
+    if _WORKER.get("key") != key:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)  # a spawned worker
+        torch.set_num_threads(threads)
+        _WORKER.update(key=key, models=load_toy_model(weights), classifier=load_classifier(classifier_weights))
+    (unet, encoder), classifier = _WORKER["models"], _WORKER["classifier"]
+    targets = demo.new_designs(designs, technique, BENCH_DESIGN_SEED)
+    tick = time.monotonic()
+    result = run_one(unet, encoder, classifier, technique,
+                     BENCH_REFERENCE_SEED + 1000 * TECHNIQUES.index(technique) + k, seed, targets, config)
+    log.info("%s ref %d seed %d in %.0f s: %s", technique, k, seed, time.monotonic() - tick,
+             "; ".join(f"{m} acc {result[m]['technique_accuracy']:.2f} leak {result[m]['palette_leak']:.1f}"
+                       for m in METHODS[:-2]))
+    return {"technique": technique, "reference": k, "seed": seed, **result}
+
+
 def run(refs: int, designs: int, seeds: int, techniques=BENCH_TECHNIQUES, config: ToyRunConfig | None = None,
-        weights: str | None = None, classifier_weights: str | None = None) -> list[dict]:
-    """Every (technique, reference, seed) run; a list of dicts with the metrics per method."""
+        weights: str | None = None, classifier_weights: str | None = None, jobs: int = 1) -> list[dict]:
+    """Every (technique, reference, seed) run; a list of dicts with the metrics per method. The
+    runs are independent and seeded, so ``jobs`` processes (one torch thread each) give the same
+    numbers as one, in the same order."""
     config = config or ToyRunConfig()
-    unet, encoder = load_toy_model(weights)
-    classifier = load_classifier(classifier_weights)
-    runs = []
-    for technique in techniques:
-        t_index = TECHNIQUES.index(technique)
-        targets = demo.new_designs(designs, technique, BENCH_DESIGN_SEED)
-        for k in range(refs):
-            for seed in range(seeds):
-                tick = time.monotonic()
-                result = run_one(unet, encoder, classifier, technique, BENCH_REFERENCE_SEED + 1000 * t_index + k,
-                                 seed, targets, config)
-                runs.append({"technique": technique, "reference": k, "seed": seed, **result})
-                log.info("%s ref %d seed %d in %.0f s: %s", technique, k, seed, time.monotonic() - tick,
-                         "; ".join(f"{m} acc {result[m]['technique_accuracy']:.2f} leak {result[m]['palette_leak']:.1f}"
-                                   for m in ("emolora", "emolora_stage1", "blora", "full_lora", "no_lora")))
-    return runs
+    tasks = [(technique, k, seed, designs, config, weights, classifier_weights, 1 if jobs > 1 else torch.get_num_threads())
+             for technique in techniques for k in range(refs) for seed in range(seeds)]
+    if jobs <= 1:
+        return [_run_task(task) for task in tasks]
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        return pool.map(_run_task, tasks, chunksize=1)
 
 
 # --- the base model's own ceiling, and the gate ----------------------------------------------
@@ -333,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write every run's numbers here")
     parser.add_argument("--gate-designs", type=int, default=GATE_DESIGNS,
                         help="new designs per technique in the gate / --base-check (%(default)s)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (per process with --jobs)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the independent (technique, reference, seed) runs in this many processes, one "
+                             "thread each (2 on a 2-core machine: the same numbers, about half the time)")
     parser.add_argument("--weights", default=None, help="another toy base model file (default: the shipped one)")
     parser.add_argument("--classifier", default=None, help="another technique classifier file")
     parser.add_argument("--quick", action="store_true", help="the demo's smoke-run iterations (checks the script only)")
@@ -366,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     passed, gate_line = gate_verdict(accuracy)
     log.info(gate_line)
     runs = run(args.refs, args.designs, args.seeds, techniques, ToyRunConfig(**(demo.QUICK if args.quick else {})),
-               args.weights, args.classifier)
+               args.weights, args.classifier, args.jobs)
     minutes = (time.monotonic() - start) / 60
     block = results_block(runs, args, minutes, gate_table, gate_line)
     print(block)

@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
+from embroidery_core.adapters import AdapterSet, installed
 from embroidery_core.diffusion import Cond, denoised
+from embroidery_core.guidance import combine_guidance
+from embroidery_core.lora_file import StyleLoRA
 from .model import IMAGE_SIZE, PATCH, UNCOND, from_latent, to_latent, toy_denoiser
 
 DEFAULT_STEPS = 20
@@ -39,11 +44,29 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
                         for i in range(shape[0])])
 
 
-def _guided(denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, uncond: Cond | None, cfg: float):
+@dataclass
+class StyleGuide:
+    """Pair Customization's style guidance: every step one more pass with the style LoRA switched on
+    (``adapters``, installed on the UNet and off for the other passes) and ``style_cond``, adding
+    ``weight`` x (styled - positive) to the CFG result (guidance.combine_guidance)."""
+
+    adapters: AdapterSet
+    style_cond: Cond
+    weight: float
+
+
+def _guided(denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, uncond: Cond | None, cfg: float,
+            style: StyleGuide | None = None):
     """out_u + cfg * (out_c - out_u), both branches in one batched call (linear in the output,
-    so the same for eps and v)."""
+    so the same for eps and v); with ``style``, plus its guidance term."""
     b = x.shape[0]
     sig = sigma.expand(b)
+    if style is not None:
+        with style.adapters.disabled():
+            both = Cond.cat([cond.repeat_to(b), uncond.repeat_to(b)])
+            out_c, out_u = denoiser(torch.cat([x, x]), torch.cat([sig, sig]), both).chunk(2)
+        out_s = denoiser(x, sig, style.style_cond.repeat_to(b))
+        return combine_guidance(out_u, out_c, [(style.weight, out_s)], cfg)
     if uncond is None or cfg == 1.0:
         return denoiser(x, sig, cond.repeat_to(b))
     both = Cond.cat([cond.repeat_to(b), uncond.repeat_to(b)])
@@ -54,7 +77,7 @@ def _guided(denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, uncond: 
 @torch.no_grad()
 def ddim(denoiser, cond: Cond, uncond: Cond | None, shape: tuple[int, ...], steps: int = DEFAULT_STEPS,
          cfg: float = DEFAULT_CFG, seed: int = 0, init: torch.Tensor | None = None,
-         strength: float = 1.0) -> torch.Tensor:
+         strength: float = 1.0, style: StyleGuide | None = None) -> torch.Tensor:
     """Latents of shape ``shape`` [B, C, h, w].
 
     txt2img (``init`` None): start from N(0, 1 + sigma_max^2) at the last timestep.
@@ -67,7 +90,7 @@ def ddim(denoiser, cond: Cond, uncond: Cond | None, shape: tuple[int, ...], step
     else:
         x = init.float().expand(shape) + sigmas[0] * noise
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        out = _guided(denoiser, x, sigma.reshape(1), cond, uncond, cfg).float()
+        out = _guided(denoiser, x, sigma.reshape(1), cond, uncond, cfg, style).float()
         x0 = denoised(denoiser.prediction, out, x, sigma.reshape(1))
         x = x0 + sigma_next * (x - x0) / sigma
     return x
@@ -82,3 +105,19 @@ def generate(unet, encoder, prompts: list[str], steps: int = DEFAULT_STEPS, cfg:
     init = None if init_images is None else to_latent(init_images)
     shape = (len(prompts), unet.cfg.in_channels, size // PATCH, size // PATCH) if init is None else tuple(init.shape)
     return from_latent(ddim(denoiser, cond, uncond, shape, steps, cfg, seed, init, strength))
+
+
+def style_guided(unet, encoder, lora: StyleLoRA, weight: float, prompts: list[str], style_prompts: list[str],
+                 steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, seed: int = 0,
+                 init_images: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+    """Like :func:`generate`, with Pair Customization's style guidance: ``prompts`` are the content
+    prompts of the base passes, ``style_prompts`` those of the styled pass with ``lora``."""
+    adapters = AdapterSet.from_style_lora(unet, lora)
+    cond, uncond = encoder.encode(prompts), encoder.encode(UNCOND)
+    init = None if init_images is None else to_latent(init_images)
+    shape = (len(prompts), unet.cfg.in_channels, IMAGE_SIZE // PATCH, IMAGE_SIZE // PATCH) if init is None \
+        else tuple(init.shape)
+    with installed(unet, adapters), torch.no_grad():
+        guide = StyleGuide(adapters, encoder.encode(style_prompts), weight)
+        latents = ddim(toy_denoiser(unet), cond, uncond, shape, steps, cfg, seed, init, strength, guide)
+    return from_latent(latents)
