@@ -142,10 +142,10 @@ def checkpoint_path(out: str) -> str:
 
 
 def _save_checkpoint(path: str, step: int, parts: dict, rng: np.random.Generator, history: list,
-                     config: BaseTrainConfig, unet_config: TinyUNetConfig, minutes: float) -> None:
+                     config: BaseTrainConfig, unet_config: TinyUNetConfig, minutes: float, running: list) -> None:
     state = {name: part.state_dict() for name, part in parts.items()}
     state.update(step=step, rng=rng.bit_generator.state, history=list(history), minutes=minutes,
-                 config=asdict(config), unet_config=asdict(unet_config))
+                 config=asdict(config), unet_config=asdict(unet_config), running=list(running))
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -196,15 +196,17 @@ def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int 
     denoiser = TorchDenoiser(unet, config.prediction)
     rng = np.random.default_rng(config.seed)
     step, history, before = 0, [], 0.0
+    running = []  # the losses since the last log line: checkpointed too, so a resumed run logs as an unbroken one
     if checkpoint and os.path.isfile(checkpoint):
         state = _load_checkpoint(checkpoint, config, unet_config)
         for name, part in parts.items():
             part.load_state_dict(state[name])
         rng.bit_generator.state = state["rng"]
         step, history, before = state["step"], list(state["history"]), state["minutes"]
+        running = list(state.get("running", []))
         log.info("resuming from %s at step %d (%.1f min trained)", checkpoint, step, before)
     deadline = None if minutes is None else time.monotonic() + 60 * minutes
-    start, running = time.monotonic(), []
+    start = time.monotonic()
 
     def trained_minutes():
         return before + (time.monotonic() - start) / 60
@@ -213,7 +215,7 @@ def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int 
         if deadline is not None and time.monotonic() > deadline:
             log.warning("stopping at step %d of %d: the %.1f-minute cap is reached", step, config.steps, minutes)
             if checkpoint:
-                _save_checkpoint(checkpoint, step, parts, rng, history, config, unet_config, trained_minutes())
+                _save_checkpoint(checkpoint, step, parts, rng, history, config, unet_config, trained_minutes(), running)
                 log.warning("the state is in %s; run the same command again to continue", checkpoint)
             break
         x0, prompts = make_batch(rng, config)
@@ -239,7 +241,7 @@ def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int 
             if on_log is not None:
                 on_log(step, ema[0], ema[1], history)
         if checkpoint and checkpoint_every and step % checkpoint_every == 0 and step < config.steps:
-            _save_checkpoint(checkpoint, step, parts, rng, history, config, unet_config, trained_minutes())
+            _save_checkpoint(checkpoint, step, parts, rng, history, config, unet_config, trained_minutes(), running)
     ema_unet, ema_encoder = ema
     return ema_unet.eval(), ema_encoder.eval(), step, history, trained_minutes()
 
