@@ -12,11 +12,11 @@ from ..embroidery_core.guidance import (StyleGate, check_wrapper_shapes, check_w
                                         gated_weight_wrappers, in_window, mix_block_loras,
                                         style_delta_in_denoised_space)
 from ..embroidery_core.images import colour_fix
-from ..embroidery_core.lora_file import StyleLoRA, to_kohya_state_dict
+from ..embroidery_core.lora_file import StyleLoRA, require_fit, to_kohya_state_dict
 from ..embroidery_core.masks import partition_masks
 from .common import (BLOCK_PRESETS, CATEGORY, NodeInputError, PackNode, StyleLoRAType, apply_lora_patches,
                      connected_lora_blocks, load_model_lora, lora_blocks, lora_fingerprint, lora_path, model_family,
-                     resolve_blocks)
+                     resolve_blocks, weight_shapes)
 
 NONE = "(none)"
 MAX_REGIONS = 3
@@ -30,6 +30,21 @@ CUSTOM_BLOCKS_TOOLTIP = ("Used when blocks = custom: block names separated by co
 
 def _lora_names() -> list[str]:
     return folder_paths.get_filename_list("loras")
+
+
+def _file_or_connected() -> list[str]:
+    """A LoRA file combo that may also be left at (none) when a trainer's LoRA is connected."""
+    return [NONE] + _lora_names()
+
+
+def _chosen_lora(model, name: str, connected, preset: str, custom: str, node: str, what: str) -> StyleLoRA:
+    """The chosen blocks of the connected LoRA, or else of the file ``name``."""
+    if connected is not None:
+        return connected_lora_blocks(model, connected, preset, custom, node)
+    if name == NONE:
+        raise NodeInputError(node, f"{what} is {NONE} and no LoRA is connected to its socket; pick a file, or connect "
+                                   "a trainer's LoRA")
+    return _style_lora(model, name, preset, custom, node)
 
 
 def _style_lora(model, lora_name: str, blocks: str, custom_blocks: str, node: str) -> StyleLoRA:
@@ -121,7 +136,8 @@ class EmbroideryStyleGuidance(PackNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with (usually the checkpoint without the style "
                                                 "LoRA). It is cloned; the input stays untouched."),
-                io.Combo.Input("lora_name", options=_lora_names(), tooltip="The style LoRA (.safetensors)."),
+                io.Combo.Input("lora_name", options=_file_or_connected(),
+                               tooltip=f"The style LoRA (.safetensors); {NONE} when a LoRA is connected to 'lora'."),
                 io.Combo.Input("blocks", options=BLOCK_PRESETS, default="emolora_style", tooltip=BLOCKS_TOOLTIP),
                 io.String.Input("custom_blocks", default="", tooltip=CUSTOM_BLOCKS_TOOLTIP),
                 io.Float.Input("weight", default=DEFAULT_STYLE_WEIGHT, min=0.0, max=20.0, step=0.1,
@@ -143,7 +159,7 @@ class EmbroideryStyleGuidance(PackNode):
 
     @classmethod
     def fingerprint_inputs(cls, lora_name, **kwargs):
-        return lora_fingerprint(lora_name)
+        return lora_fingerprint(lora_name) if lora_name != NONE else NONE
 
     @classmethod
     def execute(cls, model, lora_name, blocks, custom_blocks, weight, lora_strength,
@@ -152,10 +168,7 @@ class EmbroideryStyleGuidance(PackNode):
         check_window(start_percent, end_percent)
         if weight == 0.0 or start_percent == end_percent:
             return io.NodeOutput(model)  # no extra pass at all: sampling is bit-identical to the plain model
-        if lora is not None:
-            lora = connected_lora_blocks(model, lora, blocks, custom_blocks, node)
-        else:
-            lora = _style_lora(model, lora_name, blocks, custom_blocks, node)
+        lora = _chosen_lora(model, lora_name, lora, blocks, custom_blocks, node, "lora_name")
         return io.NodeOutput(attach_style_guidance(model, lora, weight, lora_strength, start_percent, end_percent))
 
 
@@ -284,14 +297,16 @@ class EmbroideryBLoRAMix(PackNode):
                         "in the embroidery's stitches), applied together to one model.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to apply both to. It is cloned; the input stays untouched."),
-                io.Combo.Input("content_lora", options=_lora_names(),
-                               tooltip="The LoRA whose content (subject, layout) you want."),
+                io.Combo.Input("content_lora", options=_file_or_connected(),
+                               tooltip=f"The LoRA whose content (subject, layout) you want; {NONE} when one is "
+                                       "connected to 'content'."),
                 io.Combo.Input("content_blocks", options=BLOCK_PRESETS, default="blora_content",
                                tooltip="Blocks taken from content_lora (B-LoRA: blora_content, W4)."),
                 io.Float.Input("content_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength of the content blocks (0 = leave them out)."),
-                io.Combo.Input("style_lora", options=_lora_names(),
-                               tooltip="The LoRA whose style (stitches, texture) you want."),
+                io.Combo.Input("style_lora", options=_file_or_connected(),
+                               tooltip=f"The LoRA whose style (stitches, texture) you want; {NONE} when one is "
+                                       "connected to 'style'."),
                 io.Combo.Input("style_blocks", options=BLOCK_PRESETS, default="blora_style",
                                tooltip="Blocks taken from style_lora (B-LoRA: blora_style, W5). Must not overlap "
                                        "the content blocks."),
@@ -304,27 +319,44 @@ class EmbroideryBLoRAMix(PackNode):
                                 tooltip="Used when content_blocks = custom. " + CUSTOM_BLOCKS_TOOLTIP),
                 io.String.Input("style_custom_blocks", default="", optional=True,
                                 tooltip="Used when style_blocks = custom. " + CUSTOM_BLOCKS_TOOLTIP),
+                StyleLoRAType.Input("content", optional=True,
+                                    tooltip="A LoRA straight from a trainer (e.g. Train One-Image LoRA, b_lora), used "
+                                            "instead of content_lora when connected."),
+                StyleLoRAType.Input("style", optional=True,
+                                    tooltip="A LoRA straight from a trainer, used instead of style_lora when connected."),
             ],
             outputs=[io.Model.Output(tooltip="The model with the content and style blocks applied.")],
         )
 
     @classmethod
     def fingerprint_inputs(cls, content_lora, style_lora, **kwargs):
-        return lora_fingerprint(content_lora), lora_fingerprint(style_lora)
+        return tuple(lora_fingerprint(name) if name != NONE else NONE for name in (content_lora, style_lora))
 
     @classmethod
     def execute(cls, model, content_lora, content_blocks, content_strength, style_lora, style_blocks,
-                style_strength, alpha_squared, content_custom_blocks="", style_custom_blocks="") -> io.NodeOutput:
+                style_strength, alpha_squared, content_custom_blocks="", style_custom_blocks="", content=None,
+                style=None) -> io.NodeOutput:
         node = "B-LoRA Mix (Content + Style)"
         arch = model_family(model, node)
         blocks = (resolve_blocks(content_blocks, content_custom_blocks or "", arch, node),
                   resolve_blocks(style_blocks, style_custom_blocks or "", arch, node))
-        parts = [(load_model_lora(content_lora, model, node), blocks[0], content_strength),
-                 (load_model_lora(style_lora, model, node), blocks[1], style_strength)]
+        parts = [(_whole_lora(model, content_lora, content, node, "content_lora"), blocks[0], content_strength),
+                 (_whole_lora(model, style_lora, style, node, "style_lora"), blocks[1], style_strength)]
         mixed = mix_block_loras(parts, alpha_squared, names=("content", "style"))
         if not mixed.modules:
             return io.NodeOutput(model)  # both strengths 0
         return io.NodeOutput(apply_lora_patches(model, mixed, 1.0, node))
+
+
+def _whole_lora(model, name: str, connected, node: str, what: str) -> StyleLoRA:
+    """The connected LoRA or the file ``name``, checked against ``model``, all its blocks."""
+    if connected is not None:
+        arch = model_family(model, node)
+        return require_fit(connected, weight_shapes(model), arch.name, what=f"the LoRA connected for {what}")
+    if name == NONE:
+        raise NodeInputError(node, f"{what} is {NONE} and no LoRA is connected to its socket; pick a file, or connect "
+                                   "a trainer's LoRA")
+    return load_model_lora(name, model, node)
 
 
 STYLE_NODES: list[type[io.ComfyNode]] = [

@@ -347,8 +347,90 @@ def style_guidance():
     return build(nodes, [Note(GUIDANCE_NOTE, (0, 620), (380, 250))], INFO)
 
 
+PAIR_NOTE = """Pair Customization: the analogy pair -> a style LoRA for style guidance
+
+The pair is the training pair: design = content image, embroidery = stylised
+image. Train Pair Customization learns a content and a style LoRA (rank 64 each,
+orthogonal frozen down matrices, 750 steps at 512 px with the style step from
+step 250: the official recipe). Style Guidance then steers the style in with
+weight 4 while the base model keeps the layout (3 if the style overfits).
+Both LoRAs are saved to loras/embroidery/ to reuse them."""
+
+
+def pair_customization():
+    trainer = {"iterations": 750, "learning_rate": 1e-5, "weight_decay": 1e-4, "seed": 0, "precision": "auto",
+               "memory_preset": "balanced", "checkpoint_every": 100, "preview_every": 25}
+    models = {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "pair": (3, 0)}
+    nodes = [
+        _checkpoint(1, (0, 0)),
+        Node(2, "LoadImage", (0, 260), {"image": REFERENCE}, title="Your embroidery photo"),
+        Node(3, "EmbroideryAnalogyPair", (380, 260),
+             {"subject": "flower", "trigger": "emb", "resolution": 1024, "colours": 8}, {"reference": (2, 0)}),
+        Node(4, "EmbroideryTrainPairCustomization", (760, 0),
+             {"rank": 64, "resolution": 512, "flip": True, "style_start": 250, "accumulate": 4, **trainer}, models),
+        Node(5, "EmbroiderySaveStyleLoRA", (1140, 0), {"filename_prefix": "embroidery/pair_style",
+                                                       "style_blocks_only": False}, {"lora": (4, 0)}),
+        Node(6, "EmbroiderySaveStyleLoRA", (1140, 200), {"filename_prefix": "embroidery/pair_content",
+                                                         "style_blocks_only": False}, {"lora": (4, 1)}),
+        Node(7, "LossGraphNode", (1140, 400), {"filename_prefix": "embroidery_pair_loss"}, {"loss": (4, 2)}),
+        Node(8, "EmbroideryStyleGuidance", (1140, 640),
+             {"lora_name": "(none)", "blocks": "all_attention", "custom_blocks": "", "weight": 4.0,
+              "lora_strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}, {"model": (1, 0), "lora": (4, 0)}),
+        Node(9, "PreviewImage", (380, 700), {}, {"images": (3, 1)}, title="Pair preview"),
+        *_prompts(10, (1520, 0), "a cat in emb style"),
+        Node(12, "EmptyLatentImage", (1520, 440), {"width": 1024, "height": 1024, "batch_size": 1}),
+        _ksampler(13, (1900, 0), (8, 0), (10, 0), (11, 0), (12, 0), cfg=5.0),
+        *_decode_save(14, (2280, 0), (13, 0), "embroidery/pair_sample"),
+    ]
+    return build(nodes, [Note(PAIR_NOTE, (0, 620), (360, 300))], INFO)
+
+
+BLORA_NOTE = """B-LoRA: content of one image, style of another
+
+Each photo trains a B-LoRA (Train One-Image LoRA, recipe b_lora: its content
+block W4 and style block W5 jointly, rank 64, 1000 steps, the official recipe).
+B-LoRA Mix then takes the content block of the first and the style block of the
+second: the first photo's subject in the second one's stitches. Prompt:
+'A <content trigger> in <style trigger> style'. Both LoRAs are saved too."""
+
+
+def blora_mix():
+    trainer = {"iterations": 1000, "learning_rate": 5e-5, "weight_decay": -1.0, "seed": 0, "precision": "auto",
+               "memory_preset": "balanced", "checkpoint_every": 200, "preview_every": 25}
+    lora = {"recipe": "b_lora", "custom_blocks": "", "prompt": "", "rank": 64, "alpha": 0.0, **trainer}
+    models = {"model": (1, 0), "clip": (1, 1), "vae": (1, 2)}
+    nodes = [
+        _checkpoint(1, (0, 0)),
+        Node(2, "LoadImage", (0, 260), {"image": REFERENCE}, title="Content photo"),
+        Node(3, "LoadImage", (0, 640), {"image": REFERENCE}, title="Style photo (an embroidery)"),
+        Node(4, "EmbroideryAnalogyPair", (380, 260),
+             {"subject": "flower", "trigger": "cnt", "resolution": 1024, "colours": 8}, {"reference": (2, 0)},
+             title="Content pair"),
+        Node(5, "EmbroideryAnalogyPair", (380, 640),
+             {"subject": "flower", "trigger": "emb", "resolution": 1024, "colours": 8}, {"reference": (3, 0)},
+             title="Style pair"),
+        Node(6, "EmbroideryTrainLoRA", (760, 0), lora, {**models, "pair": (4, 0)}, title="B-LoRA of the content"),
+        Node(7, "EmbroideryTrainLoRA", (760, 640), lora, {**models, "pair": (5, 0)}, title="B-LoRA of the style"),
+        Node(8, "EmbroiderySaveStyleLoRA", (1140, 0), {"filename_prefix": "embroidery/blora_content",
+                                                       "style_blocks_only": False}, {"lora": (6, 0)}),
+        Node(9, "EmbroiderySaveStyleLoRA", (1140, 200), {"filename_prefix": "embroidery/blora_style",
+                                                         "style_blocks_only": False}, {"lora": (7, 0)}),
+        Node(10, "EmbroideryBLoRAMix", (1140, 420),
+             {"content_lora": "(none)", "content_blocks": "blora_content", "content_strength": 1.0,
+              "style_lora": "(none)", "style_blocks": "blora_style", "style_strength": 1.0, "alpha_squared": False},
+             {"model": (1, 0), "content": (6, 0), "style": (7, 0)}),
+        *_prompts(11, (1520, 0), "A cnt in emb style"),
+        Node(13, "EmptyLatentImage", (1520, 440), {"width": 1024, "height": 1024, "batch_size": 1}),
+        _ksampler(14, (1900, 0), (10, 0), (11, 0), (12, 0), (13, 0)),
+        *_decode_save(15, (2280, 0), (14, 0), "embroidery/blora_mix"),
+    ]
+    return build(nodes, [Note(BLORA_NOTE, (0, 1000), (360, 260))], INFO)
+
+
 WORKFLOWS = {
     "embroidery_train_one_shot": train_one_shot,
+    "pair_customization_style_guidance": pair_customization,
+    "blora_train_and_mix": blora_mix,
     "embroidery_design_from_photo": design_from_photo,
     "embroidery_from_design": embroidery_from_design,
     "embroidery_from_text": embroidery_from_text,

@@ -34,6 +34,11 @@ SHRINK = {
     ("EmbroideryTrainStage2", "subjects"): "red apple\nblue bird", ("EmbroideryTrainStage2", "checkpoint_every"): 0,
     ("KSampler", "steps"): 2, ("EmptyLatentImage", "width"): 64, ("EmptyLatentImage", "height"): 64,
     ("ImageScaleToTotalPixels", "megapixels"): 0.01,
+    ("EmbroideryTrainPairCustomization", "iterations"): 2, ("EmbroideryTrainPairCustomization", "rank"): 4,
+    ("EmbroideryTrainPairCustomization", "resolution"): 64, ("EmbroideryTrainPairCustomization", "style_start"): 1,
+    ("EmbroideryTrainPairCustomization", "accumulate"): 1, ("EmbroideryTrainPairCustomization", "checkpoint_every"): 1,
+    ("EmbroideryTrainLoRA", "iterations"): 2, ("EmbroideryTrainLoRA", "rank"): 4,
+    ("EmbroideryTrainLoRA", "checkpoint_every"): 1,
 }
 SCALE = 1 / 16  # mask canvases shrink with the 1024 px images (1024 -> 64)
 
@@ -93,8 +98,14 @@ def test_snapshot_matches_the_live_server(server):
                 assert (got[0] if isinstance(got[0], str) else "list") == (want[0] if isinstance(want[0], str) else "list")
 
 
-# The templates are SDXL (the paper's base); the training one is also run on SD1.5.
-CASES = [(path, "sdxl") for path in WORKFLOWS] + [(p, "sd15") for p in WORKFLOWS if "train_one_shot" in p]
+# The templates are SDXL (the paper's base); the training ones are also run on SD1.5.
+TRAINING = ("train_one_shot", "pair_customization", "blora_train")
+CASES = [(path, "sdxl") for path in WORKFLOWS] + [(p, "sd15") for p in WORKFLOWS if any(t in p for t in TRAINING)]
+
+
+def _newest(folder: str, prefix: str) -> str:
+    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.startswith(prefix)]
+    return max(files, key=os.path.getmtime)
 
 
 @pytest.mark.parametrize("path,family", CASES, ids=lambda v: os.path.basename(v) if os.path.sep in str(v) else v)
@@ -126,3 +137,15 @@ def test_template_runs_in_the_frontend(server, path, family, tmp_path):
         assert lora.metadata["embroidery.updated_blocks.embroidery"].split(",") == style
         checkpoints = os.listdir(os.path.join(server.base_dir, "models", "loras", "embroidery_checkpoints"))
         assert any(re.fullmatch(r"emb_stage1_[0-9a-f]{8}\.safetensors", name) for name in checkpoints), checkpoints
+    loras = os.path.join(server.base_dir, "models", "loras", "embroidery")
+    if "pair_customization" in path:
+        style, content = (load_lora(_newest(loras, f"pair_{group}")) for group in ("style", "content"))
+        assert style.arch == content.arch == family
+        assert style.metadata["embroidery.method"] == "pair_customization"
+        assert (style.metadata["embroidery.pair_group"], content.metadata["embroidery.pair_group"]) == ("style",
+                                                                                                       "content")
+    if "blora_train" in path:
+        for part in ("content", "style"):
+            lora = load_lora(_newest(loras, f"blora_{part}"))
+            assert lora.arch == family and lora.metadata["embroidery.recipe"] == "b_lora"
+            assert lora.metadata["embroidery.content_blocks"] and lora.metadata["embroidery.style_blocks"]
