@@ -189,6 +189,9 @@ class Progress:
             log.debug("no latent previewer: %s", e)
 
     def __call__(self, step: int, until: int, losses) -> None:
+        # Cancel raises here, not only through the server's progress hook (which main.py installs):
+        # a graph run by another front end, or in-process, stops within one step too
+        mm.throw_exception_if_processing_interrupted()
         preview = None
         if step % self.every == 0 or step == until:
             check_losses(step, losses)  # a diverged run stops here, before its next checkpoint
