@@ -58,6 +58,17 @@ def _key(name: str) -> str:
     return name.replace(".", "__")  # ModuleDict keys cannot hold dots
 
 
+@contextlib.contextmanager
+def _temporarily(owner, attribute: str, value):
+    """``owner.attribute = value`` for the duration of the block, then what it was."""
+    previous = getattr(owner, attribute)
+    setattr(owner, attribute, value)
+    try:
+        yield
+    finally:
+        setattr(owner, attribute, previous)
+
+
 class AdapterSet(nn.Module):
     """The LoRA of one training run, plus the switches the EmoLoRA steps need."""
 
@@ -102,24 +113,14 @@ class AdapterSet(nn.Module):
             self.adapter(n).requires_grad_(which == "all" or self.is_style(n))
 
     # ------------------------------------------------------------------ switches
-    @contextlib.contextmanager
     def routed(self, context: torch.Tensor | None):
         """While active, the style blocks' cross-attention reads ``context`` (the embroidery
         prompt) instead of the one the model was called with (the design prompt)."""
-        previous, self.routed_context = self.routed_context, context
-        try:
-            yield
-        finally:
-            self.routed_context = previous
+        return _temporarily(self, "routed_context", context)
 
-    @contextlib.contextmanager
     def disabled(self):
         """The base model theta_0: adapters off, routing unchanged."""
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
+        return _temporarily(self, "enabled", False)
 
     # ------------------------------------------------------------------ installation
     def wrap(self, name: str, original: Callable) -> Callable:
@@ -251,26 +252,16 @@ class PairAdapterSet(nn.Module):
             for group in PAIR_GROUPS:
                 self.adapter(n).up(group).requires_grad_(group == which)
 
-    @contextlib.contextmanager
     def only(self, groups: Iterable[str]):
         """While active, only ``groups`` add their LoRA (the content step runs theta + theta_c)."""
-        previous, self.active_groups = self.active_groups, tuple(groups)
-        try:
-            yield
-        finally:
-            self.active_groups = previous
+        return _temporarily(self, "active_groups", tuple(groups))
 
-    @contextlib.contextmanager
     def routed(self, context):
-        yield  # Pair Customization does not route prompts
+        return contextlib.nullcontext()  # Pair Customization does not route prompts
 
-    @contextlib.contextmanager
     def disabled(self):
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
+        """The base model: both LoRAs off."""
+        return _temporarily(self, "enabled", False)
 
     def wrap(self, name: str, original: Callable) -> Callable:
         adapter = self.adapter(name)
