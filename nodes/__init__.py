@@ -1,6 +1,7 @@
 """ComfyUI nodes of the pack: thin V3 adapters around embroidery_core."""
 from comfy_api.latest import ComfyExtension, io
 
+from .diffstyler_nodes import DIFFSTYLER_NODES
 from .method_nodes import METHOD_NODES
 from .metrics_nodes import METRICS_NODES
 from .style_nodes import STYLE_NODES
@@ -18,6 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     EmbroideryTrainStage2,
     *METHOD_NODES,
     *STYLE_NODES,
+    *DIFFSTYLER_NODES,
     *METRICS_NODES,
 ]
 

@@ -166,6 +166,19 @@ def encode_prompt(clip, model, text: str, height: int, width: int, device) -> Co
         return Cond(context.clone().to(device).float(), None if y is None else y.clone().to(device).float())
 
 
+def cond_from_conditioning(model, conditioning, height: int, width: int, device) -> Cond:
+    """A CONDITIONING input (its first entry) -> Cond, with SDXL's ``y`` from its pooled output at
+    this size, as encode_prompt builds it."""
+    if not conditioning:
+        raise ValueError("the conditioning is empty; connect a CLIP Text Encode")
+    context, extra = conditioning[0][0], conditioning[0][1]
+    with torch.inference_mode():
+        y = model.model.encode_adm(pooled_output=extra.get("pooled_output"), width=width, height=height, crop_w=0,
+                                   crop_h=0, target_width=width, target_height=height, prompt_type="positive")
+    with torch.inference_mode(False):
+        return Cond(context.clone().to(device).float(), None if y is None else y.clone().to(device).float())
+
+
 # ---------------------------------------------------------------------------- progress
 
 class Progress:
