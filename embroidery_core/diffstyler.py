@@ -10,6 +10,7 @@ Reading order: the schedule, inversion, the attention blend, the fusion.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -91,15 +92,81 @@ def blend_ratio(timestep: float, total: int = 1000) -> float:
     return min(1.0, 2.0 * float(timestep) / total)
 
 
+def blend(x: torch.Tensor, source: torch.Tensor, ratio: float) -> torch.Tensor:
+    """r x_src + (1 - r) x; r = 0 returns ``x`` itself. A source of batch 1 serves every sample."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"the blend ratio must be in [0, 1], got {ratio}")
+    if ratio == 0.0:
+        return x
+    if source.shape[0] == 1 and x.shape[0] != 1:
+        source = source.expand_as(x)
+    return ratio * source.to(x.dtype) + (1 - ratio) * x
+
+
 def blend_query_key(q: torch.Tensor, k: torch.Tensor, q_source: torch.Tensor, k_source: torch.Tensor,
                     ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q <- r q_src + (1 - r) q and k <- r k_src + (1 - r) k; v is untouched. r = 0 returns the
     inputs themselves."""
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"the blend ratio must be in [0, 1], got {ratio}")
-    if ratio == 0.0:
-        return q, k
-    return ratio * q_source + (1 - ratio) * q, ratio * k_source + (1 - ratio) * k
+    return blend(q, q_source, ratio), blend(k, k_source, ratio)
+
+
+class SourceInjection:
+    """DiffStyler's injection as forward wrappers (``adapters.installed`` on a plain UNet; object
+    patches on a ComfyUI clone): while :meth:`recording`, the source branch's self-attention
+    queries and keys (``attn1.to_q`` / ``to_k`` of ``attention_blocks``) and the residual-branch
+    output of ``feature_block`` (its ``out_layers``) are kept; while :meth:`injecting`, every
+    other branch's queries and keys are blended with them (:func:`blend`, ratio r) and, with
+    ``features``, that residual output is replaced by the source's. Values are untouched.
+    Outside both, the wrappers change nothing."""
+
+    def __init__(self, arch, attention_blocks: list[str], feature_block: str | None):
+        self.attention = [f"{b}.transformer_blocks.{i}.attn1.{p}" for b in attention_blocks
+                          for i in range(arch.transformer_depth(b)) for p in ("to_q", "to_k")]
+        self.feature = None if feature_block is None else f"{feature_block}.out_layers"
+        self.names = self.attention + ([self.feature] if self.feature else [])
+        self.mode: str | None = None
+        self.ratio, self.features = 0.0, False
+        self.store: dict[str, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def recording(self):
+        self.store.clear()
+        previous, self.mode = self.mode, "record"
+        try:
+            yield
+        finally:
+            self.mode = previous
+
+    @contextlib.contextmanager
+    def injecting(self, ratio: float, features: bool):
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"the blend ratio must be in [0, 1], got {ratio}")
+        previous = self.mode, self.ratio, self.features
+        self.mode, self.ratio, self.features = "inject", ratio, features
+        try:
+            yield
+        finally:
+            self.mode, self.ratio, self.features = previous
+
+    def _source(self, name: str) -> torch.Tensor:
+        if name not in self.store:
+            raise ValueError(f"no source output of {name} was recorded; run the source branch first")
+        return self.store[name]
+
+    def wrap(self, name: str, original):
+        is_feature = name == self.feature
+
+        def forward(x, *args, **kwargs):
+            out = original(x, *args, **kwargs)
+            if self.mode == "record":
+                self.store[name] = out.detach()
+            elif self.mode == "inject":
+                if is_feature:
+                    return self._source(name).expand_as(out).to(out.dtype) if self.features else out
+                return blend(out, self._source(name), self.ratio)
+            return out
+
+        return forward
 
 
 # ---------------------------------------------------------------------------- fusion

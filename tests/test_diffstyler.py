@@ -73,3 +73,114 @@ def test_inversion_then_ddim_sampling_gives_the_source_back(prediction):
     assert (back - source).norm() / source.norm() < 0.01
     with pytest.raises(ValueError, match="eps and v models"):
         invert(model, "flow", source, sigmas, float(schedule[0]))
+
+
+# ---------------------------------------------------------------------------- on the tiny UNet
+
+def _inputs(seed):
+    from embroidery_core.diffusion import Cond
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 4, 8, 8, generator=g), Cond(torch.randn(1, 5, 32, generator=g))
+
+
+def _capture(unet, names):
+    seen = {}
+    modules = dict(unet.named_modules())
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.detach().clone()))
+             for n in names]
+    return seen, hooks
+
+
+def test_with_ratio_1_the_base_branch_queries_equal_the_sources_and_ratio_0_changes_nothing(tiny_unet):
+    from embroidery_core.adapters import installed
+    from embroidery_core.diffstyler import SourceInjection
+    from embroidery_core.diffusion import TorchDenoiser
+
+    arch = tiny_unet.cfg.arch()
+    blocks = [b for b in arch.attention_blocks() if b.startswith("output_blocks")]
+    injection = SourceInjection(arch, blocks, "output_blocks.4.0")
+    denoiser = TorchDenoiser(tiny_unet)
+    (source, cond), (other, other_cond) = _inputs(0), _inputs(1)
+    sigma = torch.tensor([3.0])
+    with torch.no_grad():
+        plain = denoiser(other, sigma, other_cond)
+        with installed(tiny_unet, injection):
+            untouched = denoiser(other, sigma, other_cond)  # neither recording nor injecting
+            with injection.recording():
+                denoiser(source, sigma, cond)
+            recorded = dict(injection.store)
+            queries = [n for n in injection.attention if n.endswith("to_q")]
+            plain_seen, hooks = _capture(tiny_unet, queries)
+            with injection.injecting(0.0, features=False):
+                unchanged = denoiser(other, sigma, other_cond)
+            for h in hooks:
+                h.remove()
+            plain_queries = dict(plain_seen)
+            seen, hooks = _capture(tiny_unet, queries)
+            try:
+                with injection.injecting(1.0, features=True):
+                    denoiser(other, sigma, other_cond)
+            finally:
+                for h in hooks:
+                    h.remove()
+    assert torch.equal(untouched, plain) and torch.equal(unchanged, plain)
+    assert len(queries) == len(blocks) and set(recorded) == set(injection.names)
+    # a forward hook sees what the module returns, i.e. the wrapped (injected) queries that
+    # attention then uses: with r = 1 they are the source's, on another input and prompt
+    for name in queries:
+        assert not torch.equal(recorded[name], plain_queries[name])  # the branches differ without injection
+        assert torch.equal(seen[name], recorded[name]), name
+
+
+def test_injected_queries_and_features_reach_the_attention_and_the_decoder(tiny_unet):
+    """What attention really reads: wrap the attention's softmax input via a forward hook on the
+    block's attn1 (its q is to_q's wrapped output); with r = 1 and features on, the branch's
+    attn1 sees the source's queries, and output_blocks.4.0 returns the source's residual."""
+    from embroidery_core.adapters import installed
+    from embroidery_core.diffstyler import SourceInjection
+    from embroidery_core.diffusion import TorchDenoiser
+
+    arch = tiny_unet.cfg.arch()
+    block = "output_blocks.4.1"
+    injection = SourceInjection(arch, [block], "output_blocks.4.0")
+    denoiser = TorchDenoiser(tiny_unet)
+    (source, cond), (other, other_cond) = _inputs(0), _inputs(1)
+    sigma = torch.tensor([3.0])
+    to_q = f"{block}.transformer_blocks.0.attn1.to_q"
+    modules = dict(tiny_unet.named_modules())
+    got = {}
+    with torch.no_grad(), installed(tiny_unet, injection):
+        with injection.recording():
+            denoiser(source, sigma, cond)
+        with injection.injecting(1.0, features=True):
+            got["q"] = modules[to_q](torch.randn(1, 16, modules[to_q].in_features))  # any input: the source's q
+            got["feature"] = modules["output_blocks.4.0.out_layers"](torch.randn_like(injection.store[
+                "output_blocks.4.0.out_layers"]))
+        with injection.injecting(0.5, features=False):
+            half = modules[to_q](torch.zeros(1, 16, modules[to_q].in_features))
+    assert torch.equal(got["q"], injection.store[to_q].expand_as(got["q"]))
+    assert torch.equal(got["feature"], injection.store["output_blocks.4.0.out_layers"])
+    bias = modules[to_q].bias if modules[to_q].bias is not None else 0.0
+    assert torch.allclose(half, 0.5 * injection.store[to_q] + 0.5 * (torch.zeros_like(half) + bias))
+    fresh = SourceInjection(arch, [block], None)
+    with torch.no_grad(), installed(tiny_unet, fresh), fresh.injecting(1.0, False), \
+            pytest.raises(ValueError, match="run the source branch first"):
+        denoiser(other, sigma, other_cond)
+
+
+def test_inversion_on_the_trained_toy_base_samples_back_to_the_render():
+    """The trained toy base (a TinyUNet, v-prediction): inverting a render's latent over 50 levels
+    with the empty prompt and sampling back gives it within 8 % (measured 5.0 %; 1.9 % at 200)."""
+    from toyworld import demo
+    from toyworld.model import load_toy_model, to_latent, toy_denoiser
+
+    unet, encoder = load_toy_model()
+    denoiser = toy_denoiser(unet)
+    render = to_latent(demo.make_reference("knot vertical fine", demo.REFERENCE_SEED).embroidery)
+    cond = encoder.encode("")
+    model = lambda x, s: denoiser(x, s, cond)  # noqa: E731
+    sigmas = ddim_sigmas(denoiser.sigmas, 50)
+    inversion = invert(model, denoiser.prediction, render, sigmas, float(denoiser.sigmas[0]))
+    back = ddim_sample(model, denoiser.prediction, inversion.noisy, sigmas)
+    assert (back - render).norm() / render.norm() < 0.08
