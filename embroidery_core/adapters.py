@@ -153,10 +153,7 @@ class AdapterSet(nn.Module):
 
     def load_style_lora(self, lora: StyleLoRA) -> None:
         """Continue from a saved LoRA: every module of ours must be in the file, same rank."""
-        missing = [n for n in self.names if n not in lora.modules]
-        if missing:
-            raise ValueError(f"the LoRA to resume lacks {len(missing)} of the {len(self.names)} trained modules "
-                             f"(e.g. {missing[0]}); resume only from a file this trainer wrote")
+        _require_modules(self.names, lora, "the LoRA to resume")
         with torch.no_grad():
             for n in self.names:
                 src, dst = lora.modules[n], self.adapter(n)
@@ -307,10 +304,7 @@ class PairAdapterSet(nn.Module):
     def load_style_lora(self, lora: StyleLoRA, group: str = "style") -> None:
         """Continue ``group`` from a LoRA this set wrote: same modules and rank, and the same frozen
         basis (another seed or rank would not be the same run)."""
-        missing = [n for n in self.names if n not in lora.modules]
-        if missing:
-            raise ValueError(f"the {group} LoRA to resume lacks {len(missing)} of the {len(self.names)} trained modules "
-                             f"(e.g. {missing[0]}); resume only from a file this trainer wrote")
+        _require_modules(self.names, lora, f"the {group} LoRA to resume")
         with torch.no_grad():
             for n in self.names:
                 src, dst = lora.modules[n], self.adapter(n)
@@ -318,6 +312,13 @@ class PairAdapterSet(nn.Module):
                     raise ValueError(f"the {group} LoRA to resume has another rank or basis at {n} than this run "
                                      "(rank and seed must match the file)")
                 dst.up(group).copy_(src.up)
+
+
+def _require_modules(names: list[str], lora: StyleLoRA, what: str) -> None:
+    missing = [n for n in names if n not in lora.modules]
+    if missing:
+        raise ValueError(f"{what} lacks {len(missing)} of the {len(names)} trained modules "
+                         f"(e.g. {missing[0]}); resume only from a file this trainer wrote")
 
 
 def linear_targets(root: nn.Module, names: Iterable[str]) -> dict[str, tuple[int, int]]:
