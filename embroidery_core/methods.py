@@ -83,7 +83,7 @@ class LoRARecipe:
     content: str | None
     style: str | None
     prompt: str
-    config: LoRAConfig
+    defaults: LoRAConfig
     source: str
 
     def blocks(self, arch, custom: list[str] | None = None) -> tuple[list[str], list[str]]:
@@ -95,20 +95,30 @@ class LoRARecipe:
     def text(self, trigger: str, subject: str) -> str:
         return self.prompt.format(trigger=trigger, subject=subject)
 
+    def config(self, rank: int = 0, alpha: float = 0.0, learning_rate: float = 0.0, weight_decay: float = -1.0,
+               iterations: int = 0, seed: int = 0) -> LoRAConfig:
+        """The recipe's config with the given values; 0 (weight decay: -1) keeps the recipe's, and
+        alpha 0 means alpha = rank (scale 1, as every recipe)."""
+        rank = rank or self.defaults.rank
+        return LoRAConfig(rank=rank, alpha=alpha or float(rank),
+                          learning_rate=learning_rate or self.defaults.learning_rate,
+                          weight_decay=self.defaults.weight_decay if weight_decay < 0 else weight_decay,
+                          iterations=iterations or self.defaults.iterations, seed=seed)
+
 
 LORA_RECIPES: dict[str, LoRARecipe] = {r.name: r for r in (
     # B-LoRA (METHODS.md section 5): W4 (content) and W5 (style) trained jointly on "A [v]",
     # r 64, scale 1, lr 5e-5, 1000 steps; weight decay the diffusers DreamBooth script's 1e-4.
     LoRARecipe("b_lora", content="blora_content", style="blora_style", prompt="A {trigger}",
-               config=LoRAConfig(rank=64, alpha=64.0, learning_rate=5e-5, weight_decay=1e-4, iterations=1000),
+               defaults=LoRAConfig(rank=64, alpha=64.0, learning_rate=5e-5, weight_decay=1e-4, iterations=1000),
                source="B-LoRA's official training script"),
     # DiffStyler's style LoRA (section 3): every attention layer, r 16, lr 2e-4, 200 steps.
     LoRARecipe("dreambooth_all_attention", content=None, style=None, prompt="a {subject} in {trigger} style",
-               config=LoRAConfig(rank=16, alpha=16.0, learning_rate=2e-4, weight_decay=1e-2, iterations=200),
+               defaults=LoRAConfig(rank=16, alpha=16.0, learning_rate=2e-4, weight_decay=1e-2, iterations=200),
                source="DiffStyler's style-LoRA training"),
     # Your own blocks (e.g. from Find Style Blocks), EmoLoRA's rank and learning rate.
     LoRARecipe("custom", content=None, style=None, prompt="a {subject} in {trigger} style",
-               config=LoRAConfig(rank=32, alpha=32.0, learning_rate=1e-4, weight_decay=1e-2, iterations=400),
+               defaults=LoRAConfig(rank=32, alpha=32.0, learning_rate=1e-4, weight_decay=1e-2, iterations=400),
                source="this pack (EmoLoRA's rank and learning rate)"),
 )}
 

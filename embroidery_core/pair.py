@@ -82,3 +82,17 @@ def _fit(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     out = torch.nn.functional.interpolate(chw, size=(height, width), mode="bicubic", align_corners=False,
                                           antialias=True)
     return out.movedim(1, -1).clamp(0, 1)
+
+
+def training_pair(pair: AnalogyPair, resolution: int = 0, flip: bool = False) -> AnalogyPair:
+    """The pair at another training resolution (longer side, a multiple of LATENT_MULTIPLE; 0 =
+    as it is), both images mirrored when ``flip`` (Pair Customization's official code flips every
+    training image)."""
+    if resolution and (resolution < LATENT_MULTIPLE or resolution % LATENT_MULTIPLE):
+        raise ValueError(f"resolution must be a multiple of {LATENT_MULTIPLE} (or 0), got {resolution}")
+    images = [pair.embroidery, pair.design]
+    if resolution:
+        images = [resize_to_multiple(img, resolution, LATENT_MULTIPLE) for img in images]
+    if flip:
+        images = [img.flip(2) for img in images]
+    return AnalogyPair(images[0], images[1], pair.subject, pair.trigger)

@@ -9,9 +9,8 @@ from comfy_api.latest import io
 
 from ..embroidery_core import keys
 from ..embroidery_core.adapters import AdapterSet, PairAdapterSet, linear_targets
-from ..embroidery_core.images import resize_to_multiple
-from ..embroidery_core.methods import LORA, LORA_RECIPES, PAIR_CUSTOMIZATION, LoRAConfig, PairConfig, pair_customization
-from ..embroidery_core.pair import LATENT_MULTIPLE, AnalogyPair
+from ..embroidery_core.methods import LORA, LORA_RECIPES, PAIR_CUSTOMIZATION, PairConfig, pair_customization
+from ..embroidery_core.pair import LATENT_MULTIPLE, training_pair
 from ..embroidery_core.trainer import PairLatents, check_resume_range
 from . import comfy_training as ct
 from .common import CATEGORY, NodeInputError, StyleLoRAType, check_choice, resolve_blocks
@@ -22,8 +21,8 @@ RECIPES = list(LORA_RECIPES)
 
 
 def _recipe_values() -> str:
-    return "; ".join(f"{r.name}: {r.config.iterations} steps, lr {r.config.learning_rate:g}, "
-                     f"weight decay {r.config.weight_decay:g}" for r in LORA_RECIPES.values())
+    return "; ".join(f"{r.name}: {r.defaults.iterations} steps, lr {r.defaults.learning_rate:g}, "
+                     f"weight decay {r.defaults.weight_decay:g}" for r in LORA_RECIPES.values())
 
 
 def _prompt(template: str, recipe, pair, node: str) -> str:
@@ -84,11 +83,8 @@ class EmbroideryTrainLoRA(TrainerNode):
             custom = resolve_blocks("custom", custom_blocks, arch, node)
         content, style = chosen.blocks(arch, custom)
         text = _prompt(prompt, chosen, pair, node)
-        rank = rank or chosen.config.rank
-        config = LoRAConfig(rank=rank, alpha=alpha or float(rank),
-                            learning_rate=options.learning_rate or chosen.config.learning_rate,
-                            weight_decay=chosen.config.weight_decay if options.weight_decay < 0 else options.weight_decay,
-                            iterations=options.iterations or chosen.config.iterations, seed=options.seed)
+        config = chosen.config(rank, alpha, options.learning_rate, options.weight_decay, options.iterations,
+                               options.seed)
         resume, start, state = cls.resume(options, model, 1)
         if resume is not None:
             check_resume_range(options.resume_from, start, config.iterations, "iterations")
@@ -110,17 +106,6 @@ class EmbroideryTrainLoRA(TrainerNode):
 
 
 PAIR_DEFAULTS = PairConfig()
-
-
-def _pair_at(pair: AnalogyPair, resolution: int, flip: bool) -> AnalogyPair:
-    """The pair at Pair Customization's training resolution (longer side; 0 = as it is), both
-    images mirrored when ``flip`` (the official code flips every training image)."""
-    images = [pair.embroidery, pair.design]
-    if resolution:
-        images = [resize_to_multiple(img, resolution, LATENT_MULTIPLE) for img in images]
-    if flip:
-        images = [img.flip(2) for img in images]
-    return AnalogyPair(images[0], images[1], pair.subject, pair.trigger)
 
 
 class EmbroideryTrainPairCustomization(TrainerNode):
@@ -164,8 +149,7 @@ class EmbroideryTrainPairCustomization(TrainerNode):
     def execute(cls, model, clip, vae, pair, rank, resolution, flip, style_start, accumulate, **kw) -> io.NodeOutput:
         arch, options = cls.check(model, kw)
         node = cls.node_name()
-        if resolution and resolution % LATENT_MULTIPLE:
-            raise NodeInputError(node, f"resolution must be a multiple of {LATENT_MULTIPLE} (or 0), got {resolution}")
+        trained_pair = training_pair(pair, resolution, flip)  # checks the resolution before any work
         config = PairConfig(rank=rank, alpha=float(rank), learning_rate=options.learning_rate,
                             weight_decay=options.weight_decay, iterations=options.iterations, style_start=style_start,
                             accumulate=accumulate, seed=options.seed)
@@ -176,7 +160,6 @@ class EmbroideryTrainPairCustomization(TrainerNode):
                 raise NodeInputError(node, f"{options.resume_from} has no training state beside it "
                                            f"({options.resume_from}.optimizer, which holds the content LoRA); resume "
                                            "from a checkpoint of this node in loras/embroidery_checkpoints")
-        trained_pair = _pair_at(pair, resolution, flip)
         with torch.inference_mode(False):
             targets = linear_targets(model.model.diffusion_model, arch.attention_modules())
             adapters = PairAdapterSet(targets, config.rank, config.alpha, config.basis_seed)

@@ -100,3 +100,30 @@ def test_gradient_accumulation_averages_its_draws(tiny_unet):
             history = run_phase(trainer, pair_customization(config).phase(1), pair, until=2)
         assert trainer.step == 2 and len(history) == 2 and set(history[0]) == {"content", "style"}
         assert int(trainer.optimizer.state[adapters.adapter(adapters.names[0]).up_content]["step"]) == 2
+
+
+def test_training_pair_resizes_and_mirrors_both_images():
+    from embroidery_core.pair import AnalogyPair, training_pair
+
+    g = torch.Generator().manual_seed(0)
+    pair = AnalogyPair(torch.rand(1, 128, 96, 3, generator=g), torch.rand(1, 128, 96, 3, generator=g), "cat", "emb")
+    same = training_pair(pair)
+    assert torch.equal(same.embroidery, pair.embroidery) and same.subject == "cat" and same.trigger == "emb"
+    flipped = training_pair(pair, flip=True)
+    assert torch.equal(flipped.design, pair.design.flip(2))
+    small = training_pair(pair, 64)
+    assert small.embroidery.shape[1] == 64 and small.design.shape == small.embroidery.shape
+    with pytest.raises(ValueError, match="multiple of 64"):
+        training_pair(pair, 100)
+
+
+def test_recipe_defaults_fill_in_zero_values():
+    from embroidery_core.methods import LORA_RECIPES
+
+    recipe = LORA_RECIPES["b_lora"]
+    config = recipe.config(seed=3)
+    assert (config.rank, config.alpha, config.learning_rate, config.weight_decay, config.iterations, config.seed) == \
+        (64, 64.0, 5e-5, 1e-4, 1000, 3)
+    mine = recipe.config(rank=8, learning_rate=1e-3, weight_decay=0.0, iterations=5)
+    assert (mine.rank, mine.alpha, mine.learning_rate, mine.weight_decay, mine.iterations) == (8, 8.0, 1e-3, 0.0, 5)
+    assert recipe.text("emb", "cat") == "A emb"

@@ -218,3 +218,29 @@ def test_pair_customization_resumes_with_its_content_lora(pack, sd15, pair, lora
         train_pair(pack, model, clip, vae, pair, iterations=4, resume_from=f"embroidery_checkpoints/{checkpoint.name}")
     with pytest.raises(ValueError, match="rank <= half the input width"):
         train_pair(pack, model, clip, vae, pair, rank=256)
+
+
+def test_a_user_s_mistakes_with_files_are_refused_and_runs_keep_their_own_checkpoints(pack, sd15, pair, loras_dir):
+    """Resume from a LoRA with NaN weights or of another family is refused before any work, with
+    the node's name; two styles with the same trigger word keep their own checkpoint files."""
+    from .test_bad_inputs import _pair, write_raw
+    from .test_pack_and_loras import make_lora
+    from .tiny_models import tiny_patcher
+
+    model, clip, vae = sd15
+    lora = train_lora(pack, model, clip, vae, pair, iterations=1)[0]
+
+    def poison(sd):
+        next(v for k, v in sd.items() if k.endswith("lora_down.weight"))[0, 0] = float("nan")
+    write_raw(lora, loras_dir / "nan.safetensors", poison)
+    with pytest.raises(ValueError, match=rf"^{re.escape(NODE)}: nan.safetensors: this LoRA has NaN or inf weights"):
+        train_lora(pack, model, clip, vae, pair, iterations=4, resume_from="nan.safetensors")
+    _, xl = make_lora(tiny_patcher("sdxl"))
+    xl.metadata.update({"embroidery.method": "lora", "embroidery.stage": "1", "embroidery.step": "1"})
+    write_raw(xl, loras_dir / "xl.safetensors")
+    with pytest.raises(ValueError, match=rf"^{re.escape(NODE)}: xl.safetensors is a LoRA for SDXL"):
+        train_lora(pack, model, clip, vae, pair, iterations=4, resume_from="xl.safetensors")
+    train_lora(pack, model, clip, vae, pair, checkpoint_every=1)
+    train_lora(pack, model, clip, vae, _pair(pack, "knot vertical fine"), checkpoint_every=1)
+    names = sorted(n for n in os.listdir(loras_dir / "embroidery_checkpoints") if n.endswith(".safetensors"))
+    assert len(names) == 2 and all(n.startswith("emb_lora1_") for n in names), names  # one per style
