@@ -184,3 +184,94 @@ def test_inversion_on_the_trained_toy_base_samples_back_to_the_render():
     inversion = invert(model, denoiser.prediction, render, sigmas, float(denoiser.sigmas[0]))
     back = ddim_sample(model, denoiser.prediction, inversion.noisy, sigmas)
     assert (back - render).norm() / render.norm() < 0.08
+
+
+def test_injection_blocks_are_the_official_ones_on_sd15_and_their_analogue_on_sdxl(tiny_unet):
+    from embroidery_core.blocks import SD15, SDXL
+    from embroidery_core.diffstyler import injection_blocks
+
+    feature, attention = injection_blocks(SD15)
+    assert feature == "output_blocks.4.0"
+    assert attention == [f"output_blocks.{i}.1" for i in range(4, 12)]  # 4.1-11.1, METHODS.md section 3
+    feature, attention = injection_blocks(SDXL)
+    assert feature == "output_blocks.1.0" and attention == [f"output_blocks.{i}.1" for i in range(1, 6)]
+    feature, attention = injection_blocks(tiny_unet.cfg.arch())
+    modules = dict(tiny_unet.named_modules())
+    assert f"{feature}.out_layers" in modules and all(f"{b}.transformer_blocks.0.attn1.to_q" in modules
+                                                      for b in attention)
+
+
+def test_style_schedule_counts_the_official_steps():
+    from embroidery_core.diffstyler import Schedule
+
+    schedule = Schedule()
+    flags = [schedule.style(i, 50) for i in range(50)]
+    assert sum(f for f, _ in flags) == 30 and sum(a for _, a in flags) == 25  # first 30 / first 25 of 50
+    assert flags[24] == (True, True) and flags[25] == (True, False) and flags[30] == (False, False)
+    with pytest.raises(ValueError, match="feature_fraction"):
+        Schedule(feature_fraction=1.5)
+
+
+def _hand_branch(log, name, negative, positive, mask=None):
+    from embroidery_core.diffstyler import Branch
+
+    @__import__("contextlib").contextmanager
+    def active():
+        log.append(f"{name} on")
+        yield
+        log.append(f"{name} off")
+
+    return Branch(source=lambda x, s: log.append(f"{name} source"), predict=lambda x, s: (negative, positive),
+                  mask=mask, active=active)
+
+
+def test_fused_step_replaces_inside_masks_only_and_skips_idle_source_passes():
+    from embroidery_core.diffstyler import Schedule, SourceInjection, fused_step
+    from embroidery_core.blocks import SD15
+
+    g = torch.Generator().manual_seed(2)
+    base_n, base_p, style_n, style_p = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(4))
+    mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    mask[..., :3] = True
+    log = []
+    branches = [_hand_branch(log, "base", base_n, base_p), _hand_branch(log, "style", style_n, style_p, mask)]
+    injection = SourceInjection(SD15, [], None)
+    x = torch.zeros(1, 4, 8, 8)
+    neg, pos = fused_step(injection, branches, Schedule(), 0, 50, x, x, torch.ones(1), 900.0)
+    inside = mask.expand_as(base_p)
+    assert torch.equal(pos[~inside], base_p[~inside]) and torch.equal(neg[~inside], base_n[~inside])
+    assert torch.equal(pos[inside], style_p[inside]) and torch.equal(neg[inside], style_n[inside])
+    assert log == ["base on", "base source", "base off", "style on", "style source", "style off"]
+    log.clear()
+    fused_step(injection, branches, Schedule(), 40, 50, x, x, torch.ones(1), 100.0)  # past both style fractions
+    assert log == ["base on", "base source", "base off", "style on", "style off"]
+    with pytest.raises(ValueError, match="first branch must be the base"):
+        fused_step(injection, branches[::-1], Schedule(), 0, 50, x, x, torch.ones(1), 900.0)
+
+
+def test_restyle_with_the_base_branch_alone_replaying_its_own_path_is_plain_ddim(tiny_unet):
+    """When the replayed "source" latents are the sampler's own DDIM path (same prompt, CFG 1), the
+    base branch injects its own queries, keys and features into itself at every step, so
+    DiffStyler's sampler must give plain DDIM's result: step i must replay level i, no other."""
+    from embroidery_core.adapters import installed
+    from embroidery_core.diffstyler import Branch, Inversion, SourceInjection, injection_blocks, restyle
+    from embroidery_core.diffusion import TorchDenoiser
+
+    denoiser = TorchDenoiser(tiny_unet)
+    start, cond = _inputs(0)
+    model = lambda x, s: denoiser(x, s, cond)  # noqa: E731
+    sigmas = ddim_sigmas(denoiser.sigmas, 8)
+    path = [start * float(sigmas[0])]
+    with torch.no_grad():
+        for i in range(len(sigmas) - 1):
+            path.append(ddim_sample(model, denoiser.prediction, path[-1], sigmas[i:i + 2]))
+    feature, attention = injection_blocks(tiny_unet.cfg.arch())
+    injection = SourceInjection(tiny_unet.cfg.arch(), attention, feature)
+    base = Branch(source=model, predict=lambda x, s: (model(x, s), model(x, s)))
+    timestep = lambda s: float(denoiser.timestep(torch.tensor([s]))[0])  # noqa: E731
+    with installed(tiny_unet, injection):
+        out = restyle(injection, [base], Inversion(sigmas, torch.stack(path)), denoiser.prediction, 1.0, timestep)
+        shifted = Inversion(sigmas, torch.stack(path[1:] + path[-1:]))  # level i + 1 replayed at step i
+        off = restyle(injection, [base], shifted, denoiser.prediction, 1.0, timestep)
+    assert torch.allclose(out, path[-1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(off, path[-1], atol=1e-2, rtol=1e-2)
