@@ -53,6 +53,17 @@ class Inversion:
         """The fully inverted latent, where sampling starts."""
         return self.latents[0]
 
+    def level(self, sigma: float, rtol: float = 1e-3) -> int:
+        """The index of the sampling level at noise ``sigma`` (the source branch replays
+        ``latents[index]`` there); ValueError if no level lies within ``rtol`` of it, i.e. the
+        sampler does not follow the inversion's schedule."""
+        levels = self.sigmas[:-1].double()
+        index = int((levels - float(sigma)).abs().argmin())
+        if abs(float(levels[index]) - float(sigma)) > rtol * max(abs(float(sigma)), 1e-8):
+            raise ValueError(f"the sampler is at sigma {float(sigma):.4g}, which is none of the inversion's "
+                             f"{len(levels)} levels; give the sampler the inversion's own sigmas")
+        return index
+
 
 @torch.no_grad()
 def invert(model: ModelFn, prediction: str, source: torch.Tensor, sigmas: torch.Tensor,
@@ -157,6 +168,14 @@ class SourceInjection:
         self.mode: str | None = None
         self.ratio, self.features = 0.0, False
         self.store: dict[str, torch.Tensor] = {}
+
+    # One shared state: ComfyUI deep-copies model options (which hold the patches that call
+    # this object) on every clone, and a copy would record into a store nobody reads.
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
     @contextlib.contextmanager
     def recording(self):

@@ -275,3 +275,14 @@ def test_restyle_with_the_base_branch_alone_replaying_its_own_path_is_plain_ddim
         off = restyle(injection, [base], shifted, denoiser.prediction, 1.0, timestep)
     assert torch.allclose(out, path[-1], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(off, path[-1], atol=1e-2, rtol=1e-2)
+
+
+def test_inversion_finds_the_level_of_a_sampler_sigma_and_refuses_others():
+    from embroidery_core.diffstyler import Inversion
+
+    sigmas = ddim_sigmas(DiscreteSchedule().sigmas(), 10)
+    inversion = Inversion(sigmas, torch.zeros(11, 1, 4, 2, 2))
+    assert [inversion.level(float(s)) for s in sigmas[:-1]] == list(range(10))
+    assert inversion.level(float(sigmas[3]) * (1 + 1e-5)) == 3
+    with pytest.raises(ValueError, match="none of the inversion's 10 levels"):
+        inversion.level(float(sigmas[3] + sigmas[4]) / 2)
