@@ -427,8 +427,97 @@ def blora_mix():
     return build(nodes, [Note(BLORA_NOTE, (0, 1000), (360, 260))], INFO)
 
 
+SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
+DIFFSTYLER_NEGATIVE = "ugly, blurry, black, low res, unrealistic"  # the official code's
+DIFFSTYLER_NOTE = """DiffStyler: restyle a photo, its structure kept
+
+1. Load the photo; it is scaled to 512 x 512 (DiffStyler's SD1.5/2.1 size).
+2. DDIM Inversion (empty prompt, 50 steps) gives the latent at every level.
+   Decode its 'reconstruction' (Inversion check) to see what it keeps.
+3. Each style is the checkpoint through a LoRA loader (e.g. a LoRA from
+   Train One-Image LoRA, recipe dreambooth_all_attention) with its prompt.
+4. DiffStyler: every branch replays the photo's inversion and takes its
+   features and self-attention; each style replaces the base in its mask.
+5. SamplerCustomAdvanced needs Disable Noise, euler, the inversion's sigmas
+   and its noisy latent. Paint your own masks: right-click a Load Image >
+   Open in MaskEditor, and connect its MASK."""
+
+
+def _diffstyler_source():
+    """Checkpoint, photo at 512, VAE Encode, the empty prompt, the inversion and its preview."""
+    return [
+        _checkpoint(1, (0, 0), SD15_CKPT),
+        Node(2, "LoadImage", (0, 240), {"image": REFERENCE}, title="Your photo"),
+        Node(3, "ImageScale", (0, 600), {"upscale_method": "lanczos", "width": 512, "height": 512, "crop": "center"},
+             {"image": (2, 0)}),
+        Node(4, "VAEEncode", (380, 600), {}, {"pixels": (3, 0), "vae": (1, 2)}),
+        Node(5, "CLIPTextEncode", (380, 240), {"text": ""}, {"clip": (1, 1)}, title="Empty prompt"),
+        Node(6, "EmbroideryInvert", (760, 240), {"steps": 50}, {"model": (1, 0), "latent": (4, 0), "conditioning": (5, 0)}),
+        Node(7, "VAEDecode", (760, 600), {}, {"samples": (6, 2), "vae": (1, 2)}),
+        Node(8, "PreviewImage", (1000, 600), {}, {"images": (7, 0)}, title="Inversion check"),
+        Node(9, "CLIPTextEncode", (380, 0), {"text": DIFFSTYLER_NEGATIVE}, {"clip": (1, 1)}, title="Negative"),
+    ]
+
+
+def _diffstyler_sampler(first, pos, guider):
+    x, y = pos
+    return [Node(first, "DisableNoise", (x, y), {}),
+            Node(first + 1, "KSamplerSelect", (x, y + 120), {"sampler_name": "euler"}),
+            Node(first + 2, "SamplerCustomAdvanced", (x + 300, y), {},
+                 {"noise": (first, 0), "guider": guider, "sampler": (first + 1, 0), "sigmas": (6, 3),
+                  "latent_image": (6, 1)}),
+            *_decode_save(first + 3, (x + 640, y), (first + 2, 0), "embroidery/diffstyler")]
+
+
+def _style_lora(i, pos, lora, title):
+    return Node(i, "LoraLoaderModelOnly", pos, {"lora_name": lora, "strength_model": 1.0}, {"model": (1, 0)},
+                title=title)
+
+
+DIFFSTYLER_OPTIONS = {"cfg": 10.5, "feature_fraction": 0.6, "attention_fraction": 0.5}
+
+
+def diffstyler_two_styles():
+    nodes = [
+        *_diffstyler_source(),
+        _style_lora(10, (0, 900), STYLE_LORA, "Style A"),
+        _style_lora(11, (0, 1060), STYLE_LORA_B, "Style B"),
+        Node(12, "CLIPTextEncode", (380, 900), {"text": "a photo in emb style"}, {"clip": (1, 1)}, title="Style A prompt"),
+        Node(13, "CLIPTextEncode", (380, 1120), {"text": "a photo in emb style"}, {"clip": (1, 1)},
+             title="Style B prompt"),
+        Node(14, "SolidMask", (760, 900), {"value": 0.0, "width": 512, "height": 512}, title="Empty canvas"),
+        Node(15, "SolidMask", (760, 1060), {"value": 1.0, "width": 256, "height": 512}, title="Left half"),
+        Node(16, "MaskComposite", (1000, 900), {"x": 0, "y": 0, "operation": "add"},
+             {"destination": (14, 0), "source": (15, 0)}, title="Mask A"),
+        Node(17, "InvertMask", (1000, 1100), {}, {"mask": (16, 0)}, title="Mask B"),
+        Node(18, "EmbroideryDiffStyler", (1380, 240), DIFFSTYLER_OPTIONS,
+             {"model": (1, 0), "positive": (5, 0), "negative": (9, 0), "source": (5, 0), "inversion": (6, 0),
+              "style_model_1": (10, 0), "style_positive_1": (12, 0), "mask_1": (16, 0),
+              "style_model_2": (11, 0), "style_positive_2": (13, 0), "mask_2": (17, 0)}),
+        *_diffstyler_sampler(19, (1760, 240), (18, 0)),
+    ]
+    return build(nodes, [Note(DIFFSTYLER_NOTE, (1380, 700), (420, 330))], INFO)
+
+
+def diffstyler_single_style():
+    nodes = [
+        *_diffstyler_source(),
+        _style_lora(10, (0, 900), STYLE_LORA, "Style"),
+        Node(12, "CLIPTextEncode", (380, 900), {"text": "a photo in emb style"}, {"clip": (1, 1)}, title="Style prompt"),
+        Node(18, "EmbroideryDiffStyler", (1380, 240), DIFFSTYLER_OPTIONS,
+             {"model": (1, 0), "positive": (5, 0), "negative": (9, 0), "source": (5, 0), "inversion": (6, 0),
+              "style_model_1": (10, 0), "style_positive_1": (12, 0)}),
+        *_diffstyler_sampler(19, (1760, 240), (18, 0)),
+    ]
+    return build(nodes, [Note(DIFFSTYLER_NOTE.replace("each style replaces the base in its mask",
+                                                      "with no mask the style covers the picture"),
+                              (1380, 700), (420, 330))], INFO)
+
+
 WORKFLOWS = {
     "embroidery_train_one_shot": train_one_shot,
+    "diffstyler_two_styles": diffstyler_two_styles,
+    "diffstyler_single_style": diffstyler_single_style,
     "pair_customization_style_guidance": pair_customization,
     "blora_train_and_mix": blora_mix,
     "embroidery_design_from_photo": design_from_photo,

@@ -108,14 +108,15 @@ def _socket_type(info, node_type, slot):
 def build(nodes: list[Node], notes: list[Note], info: dict, groups: list[dict] | None = None) -> dict:
     """A UI-format workflow (litegraph 0.4) from node specs."""
     by_id = {n.id: n for n in nodes}
-    links, out_links, ui_nodes = [], {}, []
+    links, out_links, ui_nodes, names = [], {}, [], {}
     for n in nodes:
         for name, (src, slot) in n.links.items():
             link_id = len(links) + 1
             links.append([link_id, src, slot, n.id, None, _socket_type(info, by_id[src].type, slot)])
             out_links.setdefault((src, slot), []).append(link_id)
+            names[link_id] = name  # one output may feed several inputs of one node
     for order, n in enumerate(nodes):
-        ui_nodes.append(_ui_node(n, order, info, links, out_links))
+        ui_nodes.append(_ui_node(n, order, info, links, out_links, names))
     next_id = max(by_id) + 1
     for i, note in enumerate(notes):
         ui_nodes.append({"id": next_id + i, "type": "Note", "pos": list(note.pos), "size": list(note.size),
@@ -126,7 +127,7 @@ def build(nodes: list[Node], notes: list[Note], info: dict, groups: list[dict] |
             "version": 0.4}
 
 
-def _ui_node(n: Node, order: int, info: dict, links: list, out_links: dict) -> dict:
+def _ui_node(n: Node, order: int, info: dict, links: list, out_links: dict, names: dict) -> dict:
     if n.type not in info:
         raise KeyError(f"unknown node type {n.type!r}")
     unknown = set(n.widgets) - {name for name, _ in _inputs(info, n.type)}
@@ -134,7 +135,7 @@ def _ui_node(n: Node, order: int, info: dict, links: list, out_links: dict) -> d
         raise KeyError(f"{n.type} has no input {sorted(unknown)}")
     inputs, values = [], []
     for name, spec in _inputs(info, n.type):
-        link = next((l for l in links if l[3] == n.id and _input_name(l, n) == name), None)
+        link = next((l for l in links if l[3] == n.id and names[l[0]] == name), None)
         if is_widget(spec):
             values.append(n.widgets.get(name, default_value(spec)))
             options = spec[1] if len(spec) > 1 else {}
@@ -160,10 +161,6 @@ def _ui_node(n: Node, order: int, info: dict, links: list, out_links: dict) -> d
     if n.title:
         node["title"] = n.title
     return node
-
-
-def _input_name(link, node: Node) -> str:
-    return next(name for name, (src, slot) in node.links.items() if (src, slot) == (link[1], link[2]))
 
 
 # ---------------------------------------------------------------------------- reading

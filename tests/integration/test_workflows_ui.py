@@ -39,13 +39,16 @@ SHRINK = {
     ("EmbroideryTrainPairCustomization", "accumulate"): 1, ("EmbroideryTrainPairCustomization", "checkpoint_every"): 1,
     ("EmbroideryTrainLoRA", "iterations"): 2, ("EmbroideryTrainLoRA", "rank"): 4,
     ("EmbroideryTrainLoRA", "checkpoint_every"): 1,
+    ("EmbroideryInvert", "steps"): 3, ("ImageScale", "width"): 64, ("ImageScale", "height"): 64,
 }
 SCALE = 1 / 16  # mask canvases shrink with the 1024 px images (1024 -> 64)
 
 
-# LoRA names the style templates use; the test writes tiny SDXL-family LoRAs under them.
+# LoRA names the style templates use; the test writes tiny SDXL-family LoRAs under them, and
+# SD1.5 ones under sd15/<name> for the templates that also run on SD1.5.
 TEMPLATE_LORAS = ("embroidery/emolora_00001.safetensors", "embroidery/emolora_00002.safetensors",
                   "blora_content.safetensors")
+SD15_LORAS = "sd15"
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,8 @@ def server(tiny_ckpt_dir, tiny_sdxl_ckpt, pack_dir):
     with comfy_server(custom_nodes=[(PACK_LINK, pack_dir)], models_dir=tiny_ckpt_dir) as srv:
         _write_reference(os.path.join(srv.base_dir, "input", REFERENCE))
         write_tiny_loras(tiny_sdxl_ckpt, os.path.join(srv.base_dir, "models", "loras"), TEMPLATE_LORAS)
+        write_tiny_loras(tiny_ckpt_dir / "checkpoints" / TINY["sd15"]["ckpt"],
+                         os.path.join(srv.base_dir, "models", "loras", SD15_LORAS), TEMPLATE_LORAS, family="sd15")
         yield srv
 
 
@@ -75,6 +80,8 @@ def retarget(workflow, family, info):
                 set_widget(node, name, int(node["widgets_values"][slots.index(name)] * SCALE), info)
         if node["type"] == "LoadImage":
             set_widget(node, "image", REFERENCE, info)
+        if family == "sd15" and isinstance(node.get("widgets_values"), list):
+            node["widgets_values"] = [f"{SD15_LORAS}/{v}" if v in TEMPLATE_LORAS else v for v in node["widgets_values"]]
     return wf
 
 
@@ -98,8 +105,9 @@ def test_snapshot_matches_the_live_server(server):
                 assert (got[0] if isinstance(got[0], str) else "list") == (want[0] if isinstance(want[0], str) else "list")
 
 
-# The templates are SDXL (the paper's base); the training ones are also run on SD1.5.
-TRAINING = ("train_one_shot", "pair_customization", "blora_train")
+# The templates are SDXL (the paper's base); the training ones are also run on SD1.5, and so is
+# DiffStyler (an SD1.5/2.1 method whose templates load an SD1.5 checkpoint).
+TRAINING = ("train_one_shot", "pair_customization", "blora_train", "diffstyler")
 CASES = [(path, "sdxl") for path in WORKFLOWS] + [(p, "sd15") for p in WORKFLOWS if any(t in p for t in TRAINING)]
 
 
