@@ -231,3 +231,31 @@ def test_classifier_training_is_reproducible():
     config = clf.ClassifierConfig(steps=2, batch=4)
     first, second = (clf.train(config, log_every=1).state_dict() for _ in range(2))
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_partial_prompts_name_a_proper_subset_and_zero_keeps_the_old_stream():
+    import numpy as np
+
+    from toyworld.generator import TRAIN_TECHNIQUES
+
+    assert train_base.partial_words("knot vertical fine", 0b101) == "knot fine"
+    assert train_base.partial_words("knot vertical fine", 0b010) == "vertical"
+    with pytest.raises(ValueError, match="proper subset"):
+        train_base.partial_words("knot vertical fine", 7)
+    seen = set()
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        _, prompt = train_base.training_example(rng, 0.0, partial_fraction=1.0)
+        words = prompt.split(" in ")[1][: -len(" style")].split()
+        assert 1 <= len(words) <= 2 and any(" ".join(w for w in t.split() if w in words) == " ".join(words)
+                                            for t in TRAIN_TECHNIQUES)
+        seen.add(len(words))
+    assert seen == {1, 2}
+    # partial_fraction 0 draws nothing extra: the examples rounds 1 and 2 were trained on, as the
+    # script before partial prompts drew them from seed 5 (recorded with that version)
+    rng = np.random.default_rng(5)
+    assert [train_base.training_example(rng, 0.25)[1] for _ in range(6)] == [
+        "a green triangle red Z in cross horizontal fine style", "a red heart in cross vertical coarse style",
+        "a blue triangle in tatami vertical fine style", "a green circle",
+        "a orange circle black G in cross vertical coarse style",
+        "a orange triangle white circle in tatami horizontal coarse style"]

@@ -72,6 +72,12 @@ class BaseTrainConfig:
     # t = T * u ** exponent, u uniform: below 1 more examples at high noise, where the layout of
     # the stitches over a region is decided (0.75: 60 % of examples above t = 500, not 50 %).
     timestep_exponent: float = 0.75
+    # Share of embroideries whose prompt names only some of the technique's three attribute words
+    # ("in knot style", "in vertical fine style"; the image is still one full training technique):
+    # each word then has to carry its own attribute, the usual lever for composing unseen
+    # combinations (docs/FIDELITY.md, round 3). 0 draws no extra random numbers: rounds 1 and 2
+    # rebuild unchanged.
+    partial_fraction: float = 0.0
     threads: int = 2
     prediction: str = "v"  # see the module docstring
     init: str = ""  # digest of the base model this run continues from ("" = from scratch), see init_digest
@@ -88,8 +94,18 @@ def wider(model_channels: int) -> TinyUNetConfig:
 
 # --- data ------------------------------------------------------------------------------------
 
-def training_example(rng: np.random.Generator, design_fraction: float) -> tuple[np.ndarray, str]:
-    """One (image, prompt): a design or its embroidery in a training technique."""
+def partial_words(technique: str, mask: int) -> str:
+    """The attribute words of ``technique`` whose bit is set in ``mask`` (1..6: a non-empty proper
+    subset of the three), in order: ("knot vertical fine", 0b101) -> "knot fine"."""
+    if not 1 <= mask <= 6:
+        raise ValueError(f"mask must name a non-empty proper subset of three words (1..6), got {mask}")
+    return " ".join(w for i, w in enumerate(technique.split()) if mask >> i & 1)
+
+
+def training_example(rng: np.random.Generator, design_fraction: float,
+                     partial_fraction: float = 0.0) -> tuple[np.ndarray, str]:
+    """One (image, prompt): a design or its embroidery in a training technique, named by all its
+    attribute words or (``partial_fraction`` of embroideries) by a random proper subset of them."""
     design_seed = int(rng.integers(TRAIN_DESIGN_SEEDS))
     design = make_design(design_seed, IMAGE_SIZE)
     prompt = "a " + " ".join(design.words)
@@ -97,13 +113,16 @@ def training_example(rng: np.random.Generator, design_fraction: float) -> tuple[
         return design.image, prompt
     technique = str(rng.choice(TRAIN_TECHNIQUES))
     image, _ = render_embroidery(design, technique, int(rng.integers(2 ** 31)))
-    return image, f"{prompt} in {technique} style"
+    words = technique
+    if partial_fraction and rng.random() < partial_fraction:
+        words = partial_words(technique, int(rng.integers(1, 7)))
+    return image, f"{prompt} in {words} style"
 
 
 def make_batch(rng: np.random.Generator, config: BaseTrainConfig) -> tuple[torch.Tensor, list[str]]:
     images, prompts = [], []
     for _ in range(config.batch):
-        image, prompt = training_example(rng, config.design_fraction)
+        image, prompt = training_example(rng, config.design_fraction, config.partial_fraction)
         images.append(image)
         prompts.append(UNCOND if rng.random() < config.uncond_fraction else prompt)
     return to_latent(torch.from_numpy(np.stack(images))), prompts
@@ -260,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue from this base model file (its weights; give another --seed for new data)")
     parser.add_argument("--threads", type=int, default=defaults.threads,
                         help="torch CPU threads (part of what makes the file reproducible)")
+    parser.add_argument("--partial-fraction", type=float, default=defaults.partial_fraction,
+                        help="share of embroidery prompts that name only some attribute words (0..1)")
     parser.add_argument("--prediction", default=defaults.prediction, choices=("eps", "v"))
     parser.add_argument("--checkpoint-every", type=int, default=250,
                         help="write the resumable state to <out>.resume every N steps (0 = only at the cap)")
@@ -271,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.model_channels < HEAD_CHANNELS or args.model_channels % HEAD_CHANNELS:
         parser.error(f"--model-channels must be a positive multiple of {HEAD_CHANNELS}, got {args.model_channels}")
+    if not 0 <= args.partial_fraction <= 1:
+        parser.error(f"--partial-fraction must be in 0..1, got {args.partial_fraction}")
     unet_config = wider(args.model_channels)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     if args.init and not os.path.isfile(args.init):
@@ -279,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out must differ from --init (the run writes snapshots and checkpoints next to --out)")
     config = BaseTrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, threads=args.threads,
                              prediction=args.prediction, learning_rate=args.learning_rate,
+                             partial_fraction=args.partial_fraction,
                              init=init_digest(args.init) if args.init else "")
     before = read_metadata(args.init) if args.init else {}
     torch.set_num_threads(config.threads)
