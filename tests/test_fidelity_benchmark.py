@@ -79,6 +79,8 @@ def test_gate_needs_every_training_and_held_out_technique():
     missing = dict(good)
     del missing[HELD_OUT[-1]]
     assert not benchmark.gate_verdict(missing)[0]
+    passed, line = benchmark.gate_verdict(good, designs=2)  # a smoke run's few designs never pass
+    assert not passed and "from 2 new designs (fewer than the gate's 12" in line
 
 
 def test_base_check_has_a_row_per_technique_and_marks_the_held_out_ones():

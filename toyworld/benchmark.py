@@ -240,16 +240,18 @@ def _role(technique: str) -> str:
     return " (held out)" if technique in HELD_OUT else " (new kind)" if technique in NEW_KIND_TECHNIQUES else ""
 
 
-def gate_verdict(accuracy: dict[str, float]) -> tuple[bool, str]:
-    """The gate on base_check's accuracies: every training technique >= GATE_TRAIN, every
-    held-out combination >= GATE_HELD_OUT (techniques not measured fail it)."""
+def gate_verdict(accuracy: dict[str, float], designs: int = GATE_DESIGNS) -> tuple[bool, str]:
+    """The gate on base_check's accuracies from ``designs`` new designs each: every training
+    technique >= GATE_TRAIN, every held-out combination >= GATE_HELD_OUT (techniques not measured
+    fail it), on at least GATE_DESIGNS designs (fewer is a smoke run, never a pass)."""
     train = [accuracy.get(t, 0.0) for t in TRAIN_TECHNIQUES]
     held = [accuracy.get(t, 0.0) for t in HELD_OUT]
-    passed = min(train) >= GATE_TRAIN and min(held) >= GATE_HELD_OUT
+    passed = min(train) >= GATE_TRAIN and min(held) >= GATE_HELD_OUT and designs >= GATE_DESIGNS
+    few = f" (fewer than the gate's {GATE_DESIGNS}: not a gate run)" if designs < GATE_DESIGNS else ""
     return passed, (f"Base-model gate {'PASSED' if passed else 'FAILED'}: lowest accuracy {min(train):.2f} over the "
                     f"{len(train)} training techniques (needs >= {GATE_TRAIN}), {min(held):.2f} over the "
                     f"{len(held)} held-out combinations named by their words (needs >= {GATE_HELD_OUT}); "
-                    f"img2img from {GATE_DESIGNS} new designs at strength {GATE_STRENGTH}, no LoRA.")
+                    f"img2img from {designs} new designs{few} at strength {GATE_STRENGTH}, no LoRA.")
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -394,12 +396,12 @@ def main(argv: list[str] | None = None) -> int:
                                      args.weights, args.round_trip, args.classifier)
         print(table)
         if not args.round_trip:
-            print("\n" + gate_verdict(accuracy)[1])
+            print("\n" + gate_verdict(accuracy, gate_designs)[1])
         return 0
     start = time.monotonic()
     gate_table, accuracy = base_check(gate_designs, (GATE_STRENGTH,), TRAIN_TECHNIQUES + HELD_OUT,
                                       args.weights, classifier_weights=args.classifier)
-    passed, gate_line = gate_verdict(accuracy)
+    passed, gate_line = gate_verdict(accuracy, gate_designs)
     log.info(gate_line)
     runs = run(args.refs, args.designs, args.seeds, techniques, ToyRunConfig(**(demo.QUICK if args.quick else {})),
                args.weights, args.classifier, args.jobs)
