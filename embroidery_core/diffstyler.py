@@ -287,8 +287,8 @@ class Schedule:
 @dataclass
 class Branch:
     """One model of a DiffStyler step. The base branch has no mask; a style branch has its mask
-    (boolean [1, 1, h, w] at the latent's size) and ``active`` switches its LoRA on around its
-    passes. ``source(x_src, sigma)`` runs the source latent through this branch's model (the
+    (boolean [1, 1, h, w] at the latent's size). ``active`` puts the model in this branch's state
+    around its passes (a style's LoRA on; the base's off, where a LoRA stays installed). ``source(x_src, sigma)`` runs the source latent through this branch's model (the
     source prompt; only what it records matters) and ``predict(x, sigma)`` returns the
     (negative, positive) predictions at the sampled latent."""
 

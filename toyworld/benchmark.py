@@ -1,4 +1,4 @@
-"""One-shot fidelity benchmark in the toy world: EmoLoRA against its ablation and two baselines.
+"""One-shot fidelity benchmark in the toy world: EmoLoRA against its ablation and the seed methods.
 
     python -m toyworld.benchmark [--refs K] [--designs M] [--seeds S] [--doc docs/FIDELITY.md]
     python -m toyworld.benchmark --base-check [--gate-designs M]
@@ -22,6 +22,13 @@ Methods:
   the reference with one prompt for as many iterations as EmoLoRA's two stages; inference with
   its style block, as B-LoRA stylises.
 - ``full_lora``: one LoRA on every attention block, one prompt, same iterations (DreamBooth-LoRA).
+- ``pair_customization``: its style LoRA through style guidance (w_s 4) on the design prompt.
+- ``diffstyler``: the full LoRA (DiffStyler's style LoRA is that recipe: every attention layer,
+  ``dreambooth_all_attention``) through DiffStyler's sampler instead of img2img: each new design
+  DDIM-inverted with the empty prompt over the run's sampling steps, then sampled back with the
+  source's decoder features and self-attention injected into the base and the style branch (one
+  style covering the picture, the official schedules), so the row isolates DiffStyler's
+  inference against the plain img2img of the same LoRA.
 - ``no_lora``: the base model with the untrained trigger word.
 - ``ground_truth``: the generator's own render of each new design in the technique (a ceiling).
 
@@ -54,16 +61,17 @@ from .classifier import load_classifier, predict
 from .demo import ARCH, METRIC_KEYS, STAGE2_SUBJECTS, ToyRunConfig
 from .generator import HELD_OUT, NEW_KIND_TECHNIQUES, TECHNIQUES, TRAIN_TECHNIQUES
 from .model import load_toy_model, toy_denoiser
-from .sample import generate, style_guided
+from .sample import diffstyled, generate, style_guided
 
 BENCH_REFERENCE_SEED = 4_000_000  # + 1000 x technique index + reference index
 BENCH_DESIGN_SEED = 4_500_000
 NEW_KIND_CASE = NEW_KIND_TECHNIQUES[0]  # "chain horizontal fine"
 BENCH_TECHNIQUES = HELD_OUT + (NEW_KIND_CASE,)
-METHODS = ("emolora", "emolora_stage1", "blora", "full_lora", "pair_customization", "no_lora", "ground_truth")
+METHODS = ("emolora", "emolora_stage1", "blora", "full_lora", "pair_customization", "diffstyler", "no_lora",
+           "ground_truth")
 PAIR_STYLE_WEIGHT = 4.0  # the paper's w_s
 LABELS = {"emolora": "EmoLoRA (stage 1 + 2)", "emolora_stage1": "EmoLoRA, no stage 2",
-          "pair_customization": "Pair Customization (w_s 4)",
+          "pair_customization": "Pair Customization (w_s 4)", "diffstyler": "DiffStyler (full LoRA, inverted design)",
           "blora": "B-LoRA (out 0.1 + 1.1)", "full_lora": "Full LoRA (all attention)", "no_lora": "No LoRA",
           "ground_truth": "Ground-truth render"}
 COLUMNS = (("technique_accuracy", "Technique acc. ↑"), ("attribute_accuracy", "Attribute acc. ↑"),
@@ -140,6 +148,8 @@ def run_one(unet, encoder, classifier, technique: str, reference_seed: int, seed
     outputs["blora"] = demo.stylize(unet, encoder, designs, subjects, config, blora, arch.preset("blora_style"), seed)
     full = timed("full_lora", lambda: train_single_prompt(unet, pair, arch.attention_blocks(), iterations, config))
     outputs["full_lora"] = demo.stylize(unet, encoder, designs, subjects, config, full, None, seed)
+    outputs["diffstyler"] = diffstyled(unet, encoder, full, [demo.style_prompt(s) for s in subjects], designs,
+                                       config.sample_steps, config.cfg)
     style_lora = timed("pair_customization", lambda: train_pair_customization(unet, pair, iterations, config))
     outputs["pair_customization"] = style_guided(
         unet, encoder, style_lora, PAIR_STYLE_WEIGHT, [design_prompt(s) for s in subjects],

@@ -12,11 +12,13 @@ same output.
 """
 from __future__ import annotations
 
-import torch
-
+import contextlib
 from dataclasses import dataclass
 
+import torch
+
 from embroidery_core.adapters import AdapterSet, installed
+from embroidery_core.diffstyler import Branch, Schedule, SourceInjection, ddim_sigmas, injection_blocks, invert, restyle
 from embroidery_core.diffusion import Cond, denoised
 from embroidery_core.guidance import combine_guidance
 from embroidery_core.lora_file import StyleLoRA
@@ -120,4 +122,38 @@ def style_guided(unet, encoder, lora: StyleLoRA, weight: float, prompts: list[st
     with installed(unet, adapters), torch.no_grad():
         guide = StyleGuide(adapters, encoder.encode(style_prompts), weight)
         latents = ddim(toy_denoiser(unet), cond, uncond, shape, steps, cfg, seed, init, strength, guide)
+    return from_latent(latents)
+
+
+@torch.no_grad()
+def diffstyled(unet, encoder, lora: StyleLoRA, style_prompts: list[str], init_images: torch.Tensor,
+               steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, schedule: Schedule = Schedule()) -> torch.Tensor:
+    """DiffStyler with one style covering the picture (the core's sampler, as the ComfyUI guider
+    runs it): each image is DDIM-inverted with the empty prompt over ``steps`` levels, then
+    sampled back with the base branch (no LoRA, empty prompt) and the style branch (``lora``,
+    ``style_prompts``), both replaying the source and taking its decoder features and attn1
+    queries and keys; CFG against the empty prompt."""
+    denoiser = toy_denoiser(unet)
+    source = to_latent(init_images)
+    b = source.shape[0]
+    empty, style = encoder.encode([UNCOND] * b), encoder.encode(style_prompts)
+    arch = unet.cfg.arch()
+    feature, attention = injection_blocks(arch)
+    injection = SourceInjection(arch, attention, feature)
+    adapters = AdapterSet.from_style_lora(unet, lora)
+    sigmas = ddim_sigmas(denoiser.sigmas, steps)
+    with installed(unet, adapters), installed(unet, injection):
+        with adapters.disabled():
+            inversion = invert(lambda x, sig: denoiser(x, sig, empty), denoiser.prediction, source, sigmas,
+                               float(denoiser.sigmas[0]))
+
+        def branch(cond, active, mask=None):
+            return Branch(source=lambda x, sig: denoiser(x, sig, empty),
+                          predict=lambda x, sig: (denoiser(x, sig, empty), denoiser(x, sig, cond)),
+                          mask=mask, active=active)
+
+        everywhere = torch.ones(1, 1, *source.shape[-2:], dtype=torch.bool)
+        branches = [branch(empty, adapters.disabled), branch(style, contextlib.nullcontext, everywhere)]
+        timestep = lambda sig: float(denoiser.timestep(torch.tensor([sig]))[0])  # noqa: E731
+        latents = restyle(injection, branches, inversion, denoiser.prediction, cfg, timestep, schedule)
     return from_latent(latents)
