@@ -9,6 +9,7 @@ depth, islands), then :func:`find_regions`, the whole recipe.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,30 +20,32 @@ class RegionConfig:
     """Every constant of the official clustering recipe in one place."""
 
     inversion_steps: int = 15
-    time_sharpness: float = 5.0  # w_t ~ 1 / (1 + e^{sharpness (t/T - centre)})
+    time_sharpness: float = 5.0  # w_x ~ 1 / (1 + e^{sharpness (x/N - centre)}), x the inversion step
     time_centre: float = 0.7
     components: int = 60  # PCA
     k_min: int = 2
     k_max: int = 10
-    kmeans_iterations: int = 50
-    kmeans_restarts: int = 3
-    silhouette_points: int = 2000  # a seeded subsample keeps the silhouette O(n^2) small
-    merge_distance: float = 0.85  # clusters whose mean latents are closer are one region
-    depth_span: float = 0.75  # p95 - p5 of depth (0..1) at which a cluster splits in two by depth
+    kmeans_iterations: int = 64
+    kmeans_restarts: int = 10
+    silhouette_points: int = 5000  # the official sample size: every pixel of a 64 x 64 map
+    merge_distance: float = 0.85  # regions whose mean latents are closer are one (single linkage)
+    depth_span: float = 0.75  # p95 - p5 of depth (0..1) at which a region splits in two by depth
+    depth_min_pixels: int = 20  # smaller regions are never split
     depth_merge_latent: float = 0.35  # re-merge when the latent distance is below this ...
     depth_merge_depth: float = 0.3  # ... and the mean depth differs by less than this
     min_island: int = 20  # pixels (at the feature map's size): smaller connected pieces are absorbed
-    seed: int = 0
+    seed: int = 42
 
 
 # ---------------------------------------------------------------------------- features
 
 
-def time_weights(timesteps: list[float], total: int = 1000, sharpness: float = 5.0, centre: float = 0.7) -> torch.Tensor:
-    """w_t proportional to 1 / (1 + e^{sharpness (t/T - centre)}), summing to 1: the low-noise
-    steps, where features are sharp, count most."""
-    t = torch.tensor([float(x) for x in timesteps], dtype=torch.float64)
-    w = 1.0 / (1.0 + torch.exp(sharpness * (t / total - centre)))
+def time_weights(steps: int, sharpness: float = 5.0, centre: float = 0.7) -> torch.Tensor:
+    """w_x proportional to 1 / (1 + e^{sharpness (x/N - centre)}) for the inversion's steps
+    x = 0..N-1 (0 the least noisy), summing to 1: sharp low-noise features count most (the
+    official code weighs by step index, not by timestep)."""
+    x = torch.arange(steps, dtype=torch.float64)
+    w = 1.0 / (1.0 + torch.exp(sharpness * (x / steps - centre)))
     return (w / w.sum()).float()
 
 
@@ -54,15 +57,16 @@ def mix_features(features: list[torch.Tensor], weights: torch.Tensor) -> torch.T
 
 
 def standardise(x: torch.Tensor) -> torch.Tensor:
-    """Rows are points, columns features: zero mean and unit variance per column (a constant
-    column stays 0)."""
-    std = x.std(dim=0, unbiased=False)
+    """Rows are points, columns features: zero mean and unit (unbiased) variance per column (a
+    constant column stays 0)."""
+    std = x.std(dim=0)
     return (x - x.mean(dim=0)) / torch.where(std > 0, std, torch.ones_like(std))
 
 
 def pca(x: torch.Tensor, components: int) -> torch.Tensor:
-    """The points ``x`` [n, d] projected on their first ``components`` principal axes (exact SVD
-    of the centred data; signs fixed so the largest loading of each axis is positive)."""
+    """The points ``x`` [n, d] projected on their first ``components`` principal axes: an exact
+    SVD of the centred data (the official code's randomised ``pca_lowrank`` approximates it),
+    signs fixed so the largest loading of each axis is positive."""
     centred = x - x.mean(dim=0)
     _, _, vh = torch.linalg.svd(centred.double(), full_matrices=False)
     axes = vh[: min(components, vh.shape[0])]
@@ -152,34 +156,51 @@ def relabel(labels: torch.Tensor) -> torch.Tensor:
     return torch.tensor([order[v] for v in flat.tolist()], dtype=torch.long).reshape(labels.shape)
 
 
+def _union(labels: torch.Tensor, close: Callable[[int, int], bool]) -> torch.Tensor:
+    """Single linkage: every pair of regions for which ``close(a, b)`` holds (judged on the
+    regions as they are now) ends in one region. Returns relabelled labels."""
+    ids = labels.unique().tolist()
+    root = {i: i for i in ids}
+
+    def find(i):
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    for x, a in enumerate(ids):
+        for b in ids[x + 1:]:
+            if close(a, b):
+                root[find(b)] = find(a)
+    out = labels.clone()
+    for i in ids:
+        out[labels == i] = find(i)
+    return relabel(out)
+
+
 def merge_close(labels: torch.Tensor, values: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Repeatedly merge the two regions whose mean ``values`` (per pixel [h, w, d]) are closest
-    (L2), while that distance is below ``threshold``. Returns relabelled labels."""
-    labels = labels.clone()
-    while True:
-        ids = labels.unique()
-        if len(ids) < 2:
-            return relabel(labels)
-        means = torch.stack([values[labels == i].float().mean(dim=0) for i in ids])
-        d = torch.cdist(means, means).fill_diagonal_(math.inf)
-        flat = int(d.argmin())
-        i, j = divmod(flat, len(ids))
-        if float(d[i, j]) >= threshold:
-            return relabel(labels)
-        labels[labels == ids[j]] = ids[i]
+    """Regions whose mean ``values`` (per pixel [h, w, d], the latent) are closer (L2) than
+    ``threshold`` are merged, with single linkage on the means before merging (as the official
+    code chains its pairs)."""
+    means = {i: values[labels == i].float().mean(dim=0) for i in labels.unique().tolist()}
+    return _union(labels, lambda a, b: float((means[a] - means[b]).norm()) < threshold)
 
 
-def split_by_depth(labels: torch.Tensor, depth: torch.Tensor, span: float, seed: int = 0) -> torch.Tensor:
-    """Split every region whose depth span (95th - 5th percentile, depth in 0..1) is >= ``span``
-    into its near and far part (2-means on depth)."""
+def split_by_depth(labels: torch.Tensor, depth: torch.Tensor, span: float, min_pixels: int = 20,
+                   seed: int = 42) -> torch.Tensor:
+    """Split every region of at least ``min_pixels`` whose depth span (95th - 5th percentile by
+    rank, depth in 0..1) is >= ``span`` into its near and far part (2-means on depth)."""
     out = labels.clone()
     next_id = int(labels.max()) + 1
     for i in labels.unique().tolist():
         inside = labels == i
         d = depth[inside].float()
-        if len(d) < 2 or float(torch.quantile(d, 0.95) - torch.quantile(d, 0.05)) < span:
+        n = len(d)
+        if n < min_pixels:
             continue
-        halves = kmeans(d[:, None], 2, seed=seed)
+        ranked = d.sort().values
+        if float(ranked[int(0.95 * n)] - ranked[int(0.05 * n)]) < span:
+            continue
+        halves = kmeans(d[:, None], 2, restarts=1, seed=seed)
         far = torch.zeros_like(inside)
         far[inside] = halves == 1
         out[far] = next_id
@@ -189,25 +210,12 @@ def split_by_depth(labels: torch.Tensor, depth: torch.Tensor, span: float, seed:
 
 def merge_by_depth(labels: torch.Tensor, values: torch.Tensor, depth: torch.Tensor, latent_threshold: float,
                    depth_threshold: float) -> torch.Tensor:
-    """Re-merge regions that are close in mean ``values`` (< latent_threshold) and in mean depth
+    """Re-merge regions close in mean ``values`` (< latent_threshold) and in mean depth
     (< depth_threshold): what a depth split separated needlessly."""
-    labels = labels.clone()
-    merged = True
-    while merged:
-        merged = False
-        ids = labels.unique().tolist()
-        means = {i: values[labels == i].float().mean(dim=0) for i in ids}
-        depths = {i: float(depth[labels == i].float().mean()) for i in ids}
-        for a in ids:
-            for b in ids:
-                if a < b and float((means[a] - means[b]).norm()) < latent_threshold \
-                        and abs(depths[a] - depths[b]) < depth_threshold:
-                    labels[labels == b] = a
-                    merged = True
-                    break
-            if merged:
-                break
-    return relabel(labels)
+    means = {i: values[labels == i].float().mean(dim=0) for i in labels.unique().tolist()}
+    depths = {i: float(depth[labels == i].float().mean()) for i in means}
+    return _union(labels, lambda a, b: float((means[a] - means[b]).norm()) < latent_threshold
+                  and abs(depths[a] - depths[b]) < depth_threshold)
 
 
 def components(mask: torch.Tensor) -> torch.Tensor:
@@ -231,33 +239,26 @@ def components(mask: torch.Tensor) -> torch.Tensor:
 
 
 def absorb_islands(labels: torch.Tensor, min_pixels: int) -> torch.Tensor:
-    """Every connected piece of a region smaller than ``min_pixels`` takes the label its border
-    touches most (smallest pieces first), so no region is left with specks."""
-    labels = labels.clone()
-    changed = True
-    while changed:
-        changed = False
-        pieces = []
-        for i in labels.unique().tolist():
-            comp = components(labels == i)
-            pieces += [(int((comp == n).sum()), i, comp == n) for n in range(1, int(comp.max()) + 1)]
-        for size, i, piece in sorted(pieces, key=lambda p: p[0]):
-            if size >= min_pixels or len(pieces) < 2:
+    """Every 4-connected piece of a region smaller than ``min_pixels`` takes the label most
+    frequent on its ring (a one-step cross dilation, its own label excluded), read from the
+    labels before any absorption, as the official code does."""
+    out = labels.clone()
+    for i in labels.unique().tolist():
+        comp = components(labels == i)
+        for n in range(1, int(comp.max()) + 1):
+            piece = comp == n
+            if int(piece.sum()) >= min_pixels:
                 continue
-            ring = _dilate(piece) & ~piece
-            around = labels[ring]
+            around = labels[_cross_dilate(piece) & ~piece]
             around = around[around != i]
-            if len(around) == 0:
-                continue
-            labels[piece] = int(torch.mode(around).values)
-            changed = True
-            break
-    return relabel(labels)
+            if len(around):
+                out[piece] = int(torch.mode(around).values)
+    return relabel(out)
 
 
-def _dilate(mask: torch.Tensor) -> torch.Tensor:
-    m = torch.nn.functional.max_pool2d(mask[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
-    return m
+def _cross_dilate(mask: torch.Tensor) -> torch.Tensor:
+    cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
+    return torch.nn.functional.conv2d(mask[None, None].float(), cross, padding=1)[0, 0] > 0
 
 
 # ---------------------------------------------------------------------------- the recipe
@@ -279,7 +280,7 @@ def find_regions(features: torch.Tensor, latent: torch.Tensor, depth: torch.Tens
     values = latent.float().permute(1, 2, 0)
     labels = merge_close(labels, values, config.merge_distance)
     if depth is not None:
-        labels = split_by_depth(labels, depth, config.depth_span, config.seed)
+        labels = split_by_depth(labels, depth, config.depth_span, config.depth_min_pixels, config.seed)
         labels = merge_by_depth(labels, values, depth, config.depth_merge_latent, config.depth_merge_depth)
     return absorb_islands(labels, config.min_island), scores
 
@@ -287,3 +288,37 @@ def find_regions(features: torch.Tensor, latent: torch.Tensor, depth: torch.Tens
 def region_masks(labels: torch.Tensor) -> torch.Tensor:
     """Labels [h, w] -> one boolean mask per region [K, h, w]."""
     return torch.stack([labels == i for i in range(int(labels.max()) + 1)])
+
+
+# ---------------------------------------------------------------------------- where the features come from
+
+
+def feature_block(arch) -> str:
+    """The decoder block whose output StyleGallery clusters: SD1.5's up_blocks.2 (with its
+    upsampler: output_blocks.8, 640 channels at the latent's full size). The same rule, the
+    output of the second-to-last decoder level, gives SDXL's output_blocks.5 (up_blocks.1, 640
+    channels at full size; our extension)."""
+    from .blocks import NUM_RES_BLOCKS
+
+    return f"output_blocks.{(arch.levels - 1) * (NUM_RES_BLOCKS + 1) - 1}"
+
+
+def invert_for_regions(model, prediction: str, source: torch.Tensor, schedule: torch.Tensor, steps: int = 15):
+    """The official clustering inversion, in the sigma form: diffusers' DDIM timesteps with
+    "leading" spacing (1, 67, ..., 925 for 15 steps) climbed in order, each step evaluating the
+    model on the current latent labelled with the step's own timestep (so the model sees the
+    latent of the level below at that timestep, as the official loop does) and moving it up one
+    level. ``model(x, sigma)`` returns the raw output; the caller records features at each call
+    (step x = 0 is the least noisy). Returns the latent at the last level (the official C15)."""
+    from .diffstyler import _eps_and_x0
+
+    stride = len(schedule) // steps
+    x = source.float()
+    for t in [stride * i + 1 for i in range(steps)]:
+        below, here = float(schedule[max(0, t - stride)]), float(schedule[t])
+        # the same VP latent, labelled with the step's timestep: sigma form scales by sqrt(1 + sigma^2)
+        shown = x * ((1 + here ** 2) / (1 + below ** 2)) ** 0.5
+        at = torch.full((x.shape[0],), here)
+        eps, _ = _eps_and_x0(prediction, model(shown, at), shown, at)
+        x = (x - below * eps) + here * eps  # x0 estimate at the level below, then up to this level
+    return x

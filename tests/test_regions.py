@@ -55,6 +55,8 @@ def test_merge_close_merges_exactly_below_the_threshold():
     three = torch.tensor([[0, 1, 2]])
     vals = torch.tensor([[[0.0], [0.5], [3.0]]])
     assert regions.merge_close(three, vals, 0.85).tolist() == [[0, 0, 1]]
+    chain = torch.tensor([[0, 1, 2]])  # 0-1 and 1-2 are close, 0-2 is not: single linkage joins all
+    assert regions.merge_close(chain, torch.tensor([[[0.0], [0.6], [1.2]]]), 0.85).tolist() == [[0, 0, 0]]
 
 
 def test_islands_under_the_size_are_absorbed_by_their_surroundings():
@@ -87,11 +89,12 @@ def test_depth_splits_a_deep_region_and_re_merges_a_shallow_cut():
     assert len(regions.merge_by_depth(split, values, near, 0.35, 0.3).unique()) == 1
 
 
-def test_time_weights_are_the_logistic_formula_normalised():
-    w = regions.time_weights([100, 700, 900])
-    raw = [1 / (1 + math.exp(5 * (t / 1000 - 0.7))) for t in (100, 700, 900)]
+def test_time_weights_are_the_logistic_formula_over_the_step_index_normalised():
+    w = regions.time_weights(15)
+    raw = [1 / (1 + math.exp(5 * (x / 15 - 0.7))) for x in range(15)]
     assert w.tolist() == pytest.approx([r / sum(raw) for r in raw])
-    assert w[0] > w[1] > w[2]
+    assert w[0] == pytest.approx(0.0936, abs=1e-4) and w[-1] == pytest.approx(0.0229, abs=1e-4)  # official values
+    assert all(a > b for a, b in zip(w[:-1], w[1:]))
 
 
 def test_find_regions_recovers_three_feature_regions():

@@ -1,0 +1,94 @@
+"""StyleGallery on the toy base model: the core's region finder, matching and latent optimisation
+run on the plain torch UNet, as the ComfyUI nodes run them on ComfyUI's (the toy has no DINOv2,
+so the semantic term is the decoder features' mean, the nodes' fallback without CLIP vision).
+
+    labels = regions(unet, encoder, image)
+    out = stylegallery(unet, encoder, content_image, [style_image])
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from embroidery_core.adapters import installed
+from embroidery_core.regions import (RegionConfig, feature_block, find_regions, invert_for_regions, mix_features,
+                                     region_masks, time_weights)
+from embroidery_core.stylegallery import (AttentionRecorder, StatEncoder, StylizeConfig, attention_layers, describe,
+                                          match_regions, standardise_channels, stylize)
+from .model import UNCOND, from_latent, to_latent, toy_denoiser
+
+
+class _BlockOutput:
+    """A forward wrapper keeping one module's output per call."""
+
+    def __init__(self, name: str):
+        self.names, self.outputs = [name], []
+
+    def wrap(self, name, original):
+        def forward(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self.outputs.append(out.detach()[0])
+            return out
+
+        return forward
+
+
+@torch.no_grad()
+def analyse(unet, encoder, image: torch.Tensor, config: RegionConfig = RegionConfig()):
+    """(labels [h, w], mixed decoder features [C, h, w], inverted latent [1, C, h, w]) of an IMAGE
+    [1, H, W, 3]: the official 15-step inversion with the empty prompt, the feature block's
+    output at every step mixed by the time weights, then the region finder."""
+    denoiser = toy_denoiser(unet)
+    latent = to_latent(image)
+    empty = encoder.encode(UNCOND)
+    recorder = _BlockOutput(feature_block(unet.cfg.arch()))
+    with installed(unet, recorder):
+        inverted = invert_for_regions(lambda x, s: denoiser(x, s, empty), denoiser.prediction, latent,
+                                      denoiser.sigmas, config.inversion_steps)
+    features = mix_features(recorder.outputs, time_weights(len(recorder.outputs), config.time_sharpness,
+                                                           config.time_centre))
+    small = F.interpolate(latent, size=features.shape[-2:], mode="area")[0]
+    labels, _ = find_regions(features, small, config=config)
+    return labels, features, inverted
+
+
+def regions(unet, encoder, image: torch.Tensor, config: RegionConfig = RegionConfig()) -> torch.Tensor:
+    return analyse(unet, encoder, image, config)[0]
+
+
+def _feature_fn(unet, encoder, recorder: AttentionRecorder):
+    denoiser = toy_denoiser(unet)
+    empty = encoder.encode(UNCOND)
+
+    def features(latent, t):
+        sigma = denoiser.sigmas[int(t)]
+        # the latent as the official code shows it: unnoised, labelled with timestep t
+        denoiser(latent * (1 + sigma ** 2) ** 0.5, sigma.reshape(1).expand(latent.shape[0]), empty)
+        return recorder.collect()
+
+    return features
+
+
+def stylegallery(unet, encoder, content: torch.Tensor, styles: list[torch.Tensor],
+                 config: StylizeConfig = StylizeConfig(), region_config: RegionConfig = RegionConfig()):
+    """The content IMAGE [1, H, W, 3] in the style of the reference IMAGEs, region by region.
+    Returns (IMAGE, matches [(content region, style image, style region, score)])."""
+    content_labels, content_features, inverted = analyse(unet, encoder, content, region_config)
+    analysed = [analyse(unet, encoder, s, region_config) for s in styles]
+    encoder_stat = StatEncoder(content_features.shape[0])
+
+    def descriptors(labels, features):
+        return [describe(features, features, m, encoder_stat) for m in region_masks(labels)]
+
+    content_masks = region_masks(content_labels)
+    matches = match_regions(descriptors(content_labels, content_features),
+                            [descriptors(labels, features) for labels, features, _ in analysed])
+    pairs = [(content_masks[c], s, region_masks(analysed[s][0])[j]) for c, (s, j, _) in enumerate(matches)]
+    layers = attention_layers(unet.cfg.arch(), config.layers)
+    modules = dict(unet.named_modules())
+    recorder = AttentionRecorder(layers, {layer: modules[layer].heads for layer in layers})
+    unet.requires_grad_(False)
+    with installed(unet, recorder):
+        latent = stylize(standardise_channels(inverted), _feature_fn(unet, encoder, recorder), to_latent(content),
+                         [to_latent(s) for s in styles], pairs, config)
+    return from_latent(latent), [(c, s, j, score) for c, (s, j, score) in enumerate(matches)]
