@@ -459,3 +459,43 @@ def bar_chart(
         colour = CHART_HIGHLIGHT_RGB if label in highlight else CHART_BAR_RGB
         _draw_row(draw, font, y, row, value, colour, zero, per_unit)
     return from_pil(image)
+
+
+# ---------------------------------------------------------------------------- region pictures
+
+REGION_COLOURS = ((0.90, 0.25, 0.20), (0.20, 0.55, 0.90), (0.25, 0.75, 0.30), (0.95, 0.75, 0.15), (0.60, 0.30, 0.80),
+                  (0.10, 0.75, 0.75), (0.95, 0.45, 0.65), (0.55, 0.40, 0.25), (0.50, 0.50, 0.50), (0.80, 0.85, 0.20))
+UNMATCHED = (0.15, 0.15, 0.15)
+
+
+def _palette(count: int) -> torch.Tensor:
+    return torch.tensor([REGION_COLOURS[i % len(REGION_COLOURS)] for i in range(count)])
+
+
+def region_preview(image: torch.Tensor, labels: torch.Tensor, colours: torch.Tensor | None = None,
+                   opacity: float = 0.55) -> torch.Tensor:
+    """IMAGE [1, H, W, 3] with each label of ``labels`` [H, W] tinted in its colour ([K, 3];
+    region i gets REGION_COLOURS[i] by default) -> [H, W, 3]."""
+    colours = _palette(int(labels.max()) + 1) if colours is None else colours
+    tint = colours[labels.long()]
+    return (image[0, ..., :3] * (1 - opacity) + tint * opacity).clamp(0, 1)
+
+
+def matched_regions_sheet(content: torch.Tensor, content_labels: torch.Tensor, styles: torch.Tensor,
+                          style_labels: list[torch.Tensor], matches: list[tuple[int, int]], semantic: bool,
+                          height: int = 256) -> torch.Tensor:
+    """Which reference region feeds which content region: the content with region c in colour c,
+    then every reference with the regions matched to content region c in the same colour
+    (unmatched regions dark); a caption says what the semantic term was. -> [h, W, 3]."""
+    palette = _palette(len(matches))
+    tiles = [region_preview(content, content_labels, palette)]
+    for s, labels in enumerate(style_labels):
+        colours = torch.tensor(UNMATCHED).repeat(int(labels.max()) + 1, 1)
+        for c, (image, region) in enumerate(matches):
+            if image == s:
+                colours[region] = palette[c]
+        tiles.append(region_preview(styles[s:s + 1], labels, colours))
+    sheet = to_pil(side_by_side([t[None] for t in tiles], height))
+    caption = "semantic: DINOv2" if semantic else "semantic: decoder features (no CLIP vision connected)"
+    ImageDraw.Draw(sheet).text((6, 6), caption, fill=(255, 255, 255), font=_chart_font())
+    return from_pil(sheet)[0]

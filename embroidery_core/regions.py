@@ -294,13 +294,15 @@ def region_masks(labels: torch.Tensor) -> torch.Tensor:
 
 
 def feature_block(arch) -> str:
-    """The decoder block whose output StyleGallery clusters: SD1.5's up_blocks.2 (with its
-    upsampler: output_blocks.8, 640 channels at the latent's full size). The same rule, the
-    output of the second-to-last decoder level, gives SDXL's output_blocks.5 (up_blocks.1, 640
-    channels at full size; our extension)."""
-    from .blocks import NUM_RES_BLOCKS
+    """The module whose output StyleGallery clusters: the output of SD1.5's up_blocks.2, i.e. its
+    upsampler (output_blocks.8.2: 640 channels at the latent's full size). The same rule, the
+    upsampler ending the second-to-last decoder level, gives SDXL's output_blocks.5.2 (the end of
+    up_blocks.1, 640 channels at full size; our extension). The upsampler rather than the whole
+    block, because ComfyUI's UNet runs a block's layers one by one, never the block's forward."""
+    from .blocks import NUM_RES_BLOCKS, _upsampler_part
 
-    return f"output_blocks.{(arch.levels - 1) * (NUM_RES_BLOCKS + 1) - 1}"
+    level = arch.levels - 2
+    return f"output_blocks.{(level + 1) * (NUM_RES_BLOCKS + 1) - 1}.{_upsampler_part(level, arch)}"
 
 
 def invert_for_regions(model, prediction: str, source: torch.Tensor, schedule: torch.Tensor, steps: int = 15):
@@ -322,3 +324,49 @@ def invert_for_regions(model, prediction: str, source: torch.Tensor, schedule: t
         eps, _ = _eps_and_x0(prediction, model(shown, at), shown, at)
         x = (x - below * eps) + here * eps  # x0 estimate at the level below, then up to this level
     return x
+
+
+class BlockRecorder:
+    """A forward wrapper (``adapters.installed`` on a plain UNet, an object patch on a ComfyUI
+    clone) keeping one module's output, the first sample's, at every call."""
+
+    def __init__(self, name: str):
+        self.names, self.outputs = [name], []
+
+    def wrap(self, name, original):
+        def forward(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self.outputs.append(out.detach()[0].float().cpu())
+            return out
+
+        return forward
+
+
+@dataclass
+class RegionAnalysis:
+    labels: torch.Tensor    # [h, w], 0..K-1
+    features: torch.Tensor  # mixed decoder features [C, h, w]
+    inverted: torch.Tensor  # the latent at the last inversion level [1, c, h, w]
+
+
+def depth_map(depth: torch.Tensor, size) -> torch.Tensor:
+    """A depth IMAGE [1, H, W, 3] (any depth node's output) -> [h, w] in 0..1 at ``size``:
+    channel mean, nearest resize, min-max normalised as the official code does."""
+    d = depth[0, ..., :3].float().mean(dim=-1)
+    d = torch.nn.functional.interpolate(d[None, None], size=tuple(size), mode="nearest")[0, 0]
+    return (d - d.min()) / (d.max() - d.min() + 1e-6)
+
+
+def analyse_image(model, prediction: str, latent: torch.Tensor, schedule: torch.Tensor, recorder: BlockRecorder,
+                  depth: torch.Tensor | None = None, config: RegionConfig = RegionConfig()) -> RegionAnalysis:
+    """The whole recipe for one image: ``model(x, sigma)`` (empty prompt, ``recorder`` installed
+    on the feature block) runs the inversion, whose recorded features are mixed and clustered
+    with the latent (area-resized to them) and an optional depth IMAGE."""
+    recorder.outputs.clear()
+    inverted = invert_for_regions(model, prediction, latent, schedule, config.inversion_steps)
+    features = mix_features(recorder.outputs, time_weights(len(recorder.outputs), config.time_sharpness,
+                                                           config.time_centre))
+    small = torch.nn.functional.interpolate(latent.float().cpu(), size=features.shape[-2:], mode="area")[0]
+    d = None if depth is None else depth_map(depth, features.shape[-2:])
+    labels, _ = find_regions(features, small, d, config)
+    return RegionAnalysis(labels, features, inverted)

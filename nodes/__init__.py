@@ -5,6 +5,7 @@ from .diffstyler_nodes import DIFFSTYLER_NODES
 from .method_nodes import METHOD_NODES
 from .metrics_nodes import METRICS_NODES
 from .style_nodes import STYLE_NODES
+from .stylegallery_nodes import STYLEGALLERY_NODES
 from .lora_nodes import EmbroideryLoRABlockInspector, EmbroiderySaveStyleLoRA, EmbroideryStyleBlocksLoader
 from .training_nodes import (EmbroideryAnalogyPair, EmbroideryFindStyleBlocks, EmbroideryTrainStage1,
                              EmbroideryTrainStage2)
@@ -20,6 +21,7 @@ NODES: list[type[io.ComfyNode]] = [
     *METHOD_NODES,
     *STYLE_NODES,
     *DIFFSTYLER_NODES,
+    *STYLEGALLERY_NODES,
     *METRICS_NODES,
 ]
 

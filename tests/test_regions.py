@@ -107,3 +107,10 @@ def test_find_regions_recovers_three_feature_regions():
     latent = torch.eye(3)[truth].permute(2, 0, 1) * 2  # distinct latents: nothing merges
     labels, scores = regions.find_regions(features, latent, config=regions.RegionConfig(components=8))
     assert _same_partition(labels.flatten(), truth.flatten()), scores
+
+
+def test_feature_block_is_the_end_of_up_blocks_2_on_sd15():
+    from embroidery_core.blocks import SD15, SDXL
+
+    assert regions.feature_block(SD15) == "output_blocks.8.2"  # up_blocks.2's upsampler
+    assert regions.feature_block(SDXL) == "output_blocks.5.2"

@@ -8,29 +8,12 @@ so the semantic term is the decoder features' mean, the nodes' fallback without 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from embroidery_core.adapters import installed
-from embroidery_core.regions import (RegionConfig, feature_block, find_regions, invert_for_regions, mix_features,
-                                     region_masks, time_weights)
+from embroidery_core.regions import BlockRecorder, RegionConfig, analyse_image, feature_block, region_masks
 from embroidery_core.stylegallery import (AttentionRecorder, StatEncoder, StylizeConfig, attention_layers, describe,
                                           match_regions, standardise_channels, stylize)
 from .model import UNCOND, from_latent, to_latent, toy_denoiser
-
-
-class _BlockOutput:
-    """A forward wrapper keeping one module's output per call."""
-
-    def __init__(self, name: str):
-        self.names, self.outputs = [name], []
-
-    def wrap(self, name, original):
-        def forward(*args, **kwargs):
-            out = original(*args, **kwargs)
-            self.outputs.append(out.detach()[0])
-            return out
-
-        return forward
 
 
 @torch.no_grad()
@@ -39,17 +22,12 @@ def analyse(unet, encoder, image: torch.Tensor, config: RegionConfig = RegionCon
     [1, H, W, 3]: the official 15-step inversion with the empty prompt, the feature block's
     output at every step mixed by the time weights, then the region finder."""
     denoiser = toy_denoiser(unet)
-    latent = to_latent(image)
     empty = encoder.encode(UNCOND)
-    recorder = _BlockOutput(feature_block(unet.cfg.arch()))
+    recorder = BlockRecorder(feature_block(unet.cfg.arch()))
     with installed(unet, recorder):
-        inverted = invert_for_regions(lambda x, s: denoiser(x, s, empty), denoiser.prediction, latent,
-                                      denoiser.sigmas, config.inversion_steps)
-    features = mix_features(recorder.outputs, time_weights(len(recorder.outputs), config.time_sharpness,
-                                                           config.time_centre))
-    small = F.interpolate(latent, size=features.shape[-2:], mode="area")[0]
-    labels, _ = find_regions(features, small, config=config)
-    return labels, features, inverted
+        found = analyse_image(lambda x, s: denoiser(x, s, empty), denoiser.prediction, to_latent(image),
+                              denoiser.sigmas, recorder, config=config)
+    return found.labels, found.features, found.inverted
 
 
 def regions(unet, encoder, image: torch.Tensor, config: RegionConfig = RegionConfig()) -> torch.Tensor:
