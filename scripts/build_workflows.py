@@ -514,8 +514,86 @@ def diffstyler_single_style():
                               (1380, 700), (420, 330))], INFO)
 
 
+STYLEGALLERY_NOTE = """StyleGallery: regional stitches from several photos, no training
+
+1. Load the design or photo to restyle and up to eight embroidery photos
+   (here three, batched; all are scaled to 512 x 512, StyleGallery's size).
+2. Style Regions splits the content into regions (its preview shows them);
+   StyleGallery does the same for every reference and gives each content
+   region the stitches of the best-matching reference region.
+3. Optional: a DINOv2 model in a CLIP Vision Loader, connected to
+   clip_vision, for the paper's semantic matching.
+4. preset fast = 28 x 3 steps (load the LCM LoRA for it); standard = 150.
+The 'matches' picture shows which reference region feeds which region."""
+
+
+def _stylegallery_inputs():
+    """Checkpoint, the empty prompt, the content at 512 and three references batched at 512."""
+    def scaled(i, pos, image):
+        return Node(i, "ImageScale", pos, {"upscale_method": "lanczos", "width": 512, "height": 512, "crop": "center"},
+                    {"image": image})
+
+    return [
+        _checkpoint(1, (0, 0), SD15_CKPT),
+        Node(2, "CLIPTextEncode", (0, 240), {"text": ""}, {"clip": (1, 1)}, title="Empty prompt"),
+        Node(3, "LoadImage", (0, 480), {"image": REFERENCE}, title="Content (design or photo)"),
+        scaled(4, (380, 560), (3, 0)),
+        Node(5, "LoadImage", (0, 860), {"image": REFERENCE}, title="Reference 1"),
+        Node(6, "LoadImage", (0, 1240), {"image": REFERENCE}, title="Reference 2"),
+        Node(7, "LoadImage", (0, 1620), {"image": REFERENCE}, title="Reference 3"),
+        scaled(8, (380, 860), (5, 0)),
+        Node(9, "ImageBatch", (760, 860), {}, {"image1": (8, 0), "image2": (6, 0)}),
+        Node(10, "ImageBatch", (760, 1060), {}, {"image1": (9, 0), "image2": (7, 0)}, title="References"),
+    ]
+
+
+def _stylegallery_output(first, pos, gallery):
+    x, y = pos
+    return [Node(first, "PreviewImage", (x, y + 300), {}, {"images": (gallery, 1)}, title="Matches"),
+            *_decode_save(first + 1, (x, y), (gallery, 0), "embroidery/stylegallery")]
+
+
+def stylegallery_three_references():
+    nodes = [
+        *_stylegallery_inputs(),
+        Node(11, "EmbroideryStyleRegions", (760, 240), {}, {"model": (1, 0), "vae": (1, 2), "image": (4, 0),
+                                                            "conditioning": (2, 0)}),
+        Node(12, "PreviewImage", (1140, 600), {}, {"images": (11, 1)}, title="Content regions"),
+        Node(13, "EmbroideryStyleGallery", (1140, 240), {"preset": "standard"},
+             {"model": (1, 0), "vae": (1, 2), "content": (4, 0), "styles": (10, 0), "conditioning": (2, 0),
+              "content_masks": (11, 0)}),
+        *_stylegallery_output(14, (1520, 240), 13),
+    ]
+    return build(nodes, [Note(STYLEGALLERY_NOTE, (380, 0), (360, 330))], INFO)
+
+
+STYLEGALLERY_MASK_NOTE = """StyleGallery with your own regions
+
+The mask says which part of the content is one region (here the left half;
+the rest becomes a second region). Paint yours: right-click the content's
+Load Image > Open in MaskEditor, and connect its MASK to content_masks.
+Each region takes the stitches of the best-matching region of any reference."""
+
+
+def stylegallery_user_masks():
+    nodes = [
+        *_stylegallery_inputs(),
+        Node(11, "SolidMask", (760, 240), {"value": 0.0, "width": 512, "height": 512}, title="Empty canvas"),
+        Node(12, "SolidMask", (760, 400), {"value": 1.0, "width": 256, "height": 512}, title="Left half"),
+        Node(15, "MaskComposite", (760, 560), {"x": 0, "y": 0, "operation": "add"},
+             {"destination": (11, 0), "source": (12, 0)}, title="Your region"),
+        Node(13, "EmbroideryStyleGallery", (1140, 240), {"preset": "standard"},
+             {"model": (1, 0), "vae": (1, 2), "content": (4, 0), "styles": (10, 0), "conditioning": (2, 0),
+              "content_masks": (15, 0)}),
+        *_stylegallery_output(16, (1520, 240), 13),
+    ]
+    return build(nodes, [Note(STYLEGALLERY_MASK_NOTE, (380, 0), (360, 250))], INFO)
+
+
 WORKFLOWS = {
     "embroidery_train_one_shot": train_one_shot,
+    "stylegallery_three_references": stylegallery_three_references,
+    "stylegallery_user_masks": stylegallery_user_masks,
     "diffstyler_two_styles": diffstyler_two_styles,
     "diffstyler_single_style": diffstyler_single_style,
     "pair_customization_style_guidance": pair_customization,

@@ -40,6 +40,7 @@ SHRINK = {
     ("EmbroideryTrainLoRA", "iterations"): 2, ("EmbroideryTrainLoRA", "rank"): 4,
     ("EmbroideryTrainLoRA", "checkpoint_every"): 1,
     ("EmbroideryInvert", "steps"): 3, ("ImageScale", "width"): 64, ("ImageScale", "height"): 64,
+    ("EmbroideryStyleGallery", "preset"): "fast",
 }
 SCALE = 1 / 16  # mask canvases shrink with the 1024 px images (1024 -> 64)
 
@@ -106,8 +107,8 @@ def test_snapshot_matches_the_live_server(server):
 
 
 # The templates are SDXL (the paper's base); the training ones are also run on SD1.5, and so is
-# DiffStyler (an SD1.5/2.1 method whose templates load an SD1.5 checkpoint).
-TRAINING = ("train_one_shot", "pair_customization", "blora_train", "diffstyler")
+# DiffStyler and StyleGallery (SD1.5 methods whose templates load an SD1.5 checkpoint).
+TRAINING = ("train_one_shot", "pair_customization", "blora_train", "diffstyler", "stylegallery")
 CASES = [(path, "sdxl") for path in WORKFLOWS] + [(p, "sd15") for p in WORKFLOWS if any(t in p for t in TRAINING)]
 
 
