@@ -29,6 +29,9 @@ Methods:
   source's decoder features and self-attention injected into the base and the style branch (one
   style covering the picture, the official schedules), so the row isolates DiffStyler's
   inference against the plain img2img of the same LoRA.
+- ``stylegallery``: training-free: each new design restyled from the reference render by the
+  core's StyleGallery (regions, matching with the decoder features as the semantic term, the toy
+  having no DINOv2, and the latent optimisation; the fast preset in a ``--quick`` run).
 - ``no_lora``: the base model with the untrained trigger word.
 - ``ground_truth``: the generator's own render of each new design in the technique (a ceiling).
 
@@ -56,7 +59,8 @@ from embroidery_core.methods import LoRAConfig, PairConfig, train_lora, train_pa
 from embroidery_core.pair import design_prompt, embroidery_prompt
 from embroidery_core.provenance import git_commit
 from embroidery_core.trainer import PairLatents
-from . import demo
+from embroidery_core.stylegallery import StylizeConfig
+from . import demo, gallery
 from .classifier import load_classifier, predict
 from .demo import ARCH, METRIC_KEYS, STAGE2_SUBJECTS, ToyRunConfig
 from .generator import HELD_OUT, NEW_KIND_TECHNIQUES, TECHNIQUES, TRAIN_TECHNIQUES
@@ -67,11 +71,12 @@ BENCH_REFERENCE_SEED = 4_000_000  # + 1000 x technique index + reference index
 BENCH_DESIGN_SEED = 4_500_000
 NEW_KIND_CASE = NEW_KIND_TECHNIQUES[0]  # "chain horizontal fine"
 BENCH_TECHNIQUES = HELD_OUT + (NEW_KIND_CASE,)
-METHODS = ("emolora", "emolora_stage1", "blora", "full_lora", "pair_customization", "diffstyler", "no_lora",
-           "ground_truth")
+METHODS = ("emolora", "emolora_stage1", "blora", "full_lora", "pair_customization", "diffstyler", "stylegallery",
+           "no_lora", "ground_truth")
 PAIR_STYLE_WEIGHT = 4.0  # the paper's w_s
 LABELS = {"emolora": "EmoLoRA (stage 1 + 2)", "emolora_stage1": "EmoLoRA, no stage 2",
           "pair_customization": "Pair Customization (w_s 4)", "diffstyler": "DiffStyler (full LoRA, inverted design)",
+          "stylegallery": "StyleGallery (training-free)",
           "blora": "B-LoRA (out 0.1 + 1.1)", "full_lora": "Full LoRA (all attention)", "no_lora": "No LoRA",
           "ground_truth": "Ground-truth render"}
 COLUMNS = (("technique_accuracy", "Technique acc. ↑"), ("attribute_accuracy", "Attribute acc. ↑"),
@@ -154,6 +159,9 @@ def run_one(unet, encoder, classifier, technique: str, reference_seed: int, seed
     outputs["pair_customization"] = style_guided(
         unet, encoder, style_lora, PAIR_STYLE_WEIGHT, [design_prompt(s) for s in subjects],
         [demo.style_prompt(s) for s in subjects], config.sample_steps, config.cfg, seed, designs, config.strength)
+    gallery_config = StylizeConfig.fast() if config.stylegallery_preset == "fast" else StylizeConfig()
+    outputs["stylegallery"] = timed("stylegallery", lambda: torch.cat([
+        gallery.stylegallery(unet, encoder, t.design, [reference.embroidery], gallery_config)[0] for t in targets]))
     outputs["no_lora"] = demo.stylize(unet, encoder, designs, subjects, config, None, None, seed)
     outputs["ground_truth"] = torch.cat([t.embroidery for t in targets])
     result = {m: demo.evaluate(outputs[m], reference, targets, classifier) for m in METHODS}

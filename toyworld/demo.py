@@ -84,6 +84,7 @@ class ToyRunConfig:
     cfg: float = 3.0
     strength: float = 0.6  # img2img strength from the design at inference
     new_designs: int = 6
+    stylegallery_preset: str = "standard"  # the benchmark's training-free row: "standard" or "fast"
 
     def emolora(self) -> EmoLoRAConfig:
         return EmoLoRAConfig(rank=self.rank, alpha=self.alpha, learning_rate=self.learning_rate,
@@ -91,7 +92,8 @@ class ToyRunConfig:
                              seed=self.seed)
 
 
-QUICK = dict(stage1_iterations=20, stage2_iterations=5, sample_steps=6, new_designs=3)  # CI smoke run
+QUICK = dict(stage1_iterations=20, stage2_iterations=5, sample_steps=6, new_designs=3,
+             stylegallery_preset="fast")  # CI smoke run
 
 
 # --- the pair --------------------------------------------------------------------------------
