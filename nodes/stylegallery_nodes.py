@@ -11,7 +11,7 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..embroidery_core.images import region_preview
-from ..embroidery_core.regions import BlockRecorder, RegionConfig, analyse_image, feature_block, region_masks
+from ..embroidery_core.regions import BlockRecorder, RegionConfig, analyse_image, feature_block, region_masks, relabel
 from ..embroidery_core.stylegallery import (AttentionRecorder, StatEncoder, StylizeConfig, attention_layers, describe,
                                             match_regions, standardise_channels, stylize)
 from . import comfy_training as ct
@@ -207,19 +207,21 @@ class EmbroideryStyleGallery(PackNode):
             denoiser = ct.ComfyDenoiser(clone)
             cond = _prompt(model, conditioning, clip, content, denoiser.device, GALLERY)
             found, content_latent = _analyse(model, vae, clone, cond, content, None, regions_config, bar)
-            labels = found.labels if user is None else F.interpolate(
-                user[None, None].float(), size=found.labels.shape, mode="nearest")[0, 0].long()
+            labels = found.labels if user is None else relabel(F.interpolate(  # a region too small vanishes
+                user[None, None].float(), size=found.labels.shape, mode="nearest")[0, 0].long())
             style_cond = _prompt(model, conditioning, clip, styles[:1], denoiser.device, GALLERY)
             style_found = [_analyse(model, vae, clone, style_cond, styles[i:i + 1], None, regions_config, bar)
                            for i in range(styles.shape[0])]
             stat = StatEncoder(found.features.shape[0])
-            content_desc = [describe(found.features, _semantic(clip_vision, content, found.features), m, stat)
-                            for m in region_masks(labels) if m.any()]
-            style_desc = [[describe(f.features, _semantic(clip_vision, styles[i:i + 1], f.features), m, stat)
-                           for m in region_masks(f.labels)] for i, (f, _) in enumerate(style_found)]
-            kept = [m for m in region_masks(labels) if m.any()]
+            semantic = _semantic(clip_vision, content, found.features)
+            content_desc = [describe(found.features, semantic, m, stat) for m in region_masks(labels)]
+            style_desc = []
+            for i, (f, _) in enumerate(style_found):
+                semantic = _semantic(clip_vision, styles[i:i + 1], f.features)
+                style_desc.append([describe(f.features, semantic, m, stat) for m in region_masks(f.labels)])
             matches = match_regions(content_desc, style_desc)
-            pairs = [(kept[c], s, region_masks(style_found[s][0].labels)[j]) for c, (s, j, _) in enumerate(matches)]
+            pairs = [(region_masks(labels)[c], s, region_masks(style_found[s][0].labels)[j])
+                     for c, (s, j, _) in enumerate(matches)]
             features = self_attention(clone, denoiser, cond, bar)
             latent = stylize(standardise_channels(found.inverted), features, content_latent,
                              [latent for _, latent in style_found], pairs, config)
