@@ -209,8 +209,8 @@ def regional_style_loss(out: torch.Tensor, q: torch.Tensor, k_style: torch.Tenso
     the official code: a zeroed key still takes part in the softmax with logit 0. The target is
     masked by M_c too (the official code leaves it unmasked; outside M_c that only adds a
     constant without gradient, so the optimisation is the same and a perfect match reads 0)."""
-    mc = content_mask.to(out.dtype)[None, :, None]
-    ms = style_mask.to(out.dtype)[None, :, None]
+    mc = content_mask.to(out.device, out.dtype)[None, :, None]  # masks live on the CPU, the UNet maybe not
+    ms = style_mask.to(out.device, out.dtype)[None, :, None]
     if not style_mask.any():
         raise ValueError("the style region covers no token of this layer")
     with torch.no_grad():
