@@ -23,6 +23,13 @@ PRESETS = ["standard", "fast"]
 MAX_STYLES = 8
 
 
+def _prompt_inputs() -> list:
+    """Both nodes' way in for the empty prompt: a conditioning, or the clip to encode ''."""
+    return [io.Conditioning.Input("conditioning", optional=True,
+                                  tooltip="The empty prompt (CLIP Text Encode of ''); or connect clip."),
+            io.Clip.Input("clip", optional=True, tooltip="Used to encode the empty prompt if no conditioning.")]
+
+
 def _prompt(model, conditioning, clip, image, device, node: str):
     """The empty prompt the official code runs every pass with: a connected conditioning, or
     the clip's encoding of ''."""
@@ -97,9 +104,7 @@ class EmbroideryStyleRegions(PackNode):
                 io.Model.Input("model", tooltip="An SD1.5 (the paper's) or SDXL model; cloned, never modified."),
                 io.Vae.Input("vae", tooltip="The model's VAE, to encode the image."),
                 io.Image.Input("image", tooltip="The image to split into regions (the first of a batch)."),
-                io.Conditioning.Input("conditioning", optional=True,
-                                      tooltip="The empty prompt (CLIP Text Encode of ''); or connect clip."),
-                io.Clip.Input("clip", optional=True, tooltip="Used to encode the empty prompt if no conditioning."),
+                *_prompt_inputs(),
                 io.Image.Input("depth", optional=True,
                                tooltip="A depth map of the image from any depth node (brighter = nearer or farther, "
                                        "either works): regions spanning much depth are split, as the official "
@@ -171,9 +176,7 @@ class EmbroideryStyleGallery(PackNode):
                 io.Combo.Input("preset", options=PRESETS, default="standard",
                                tooltip="standard: 150 Adam steps (the paper's). fast: 28 timesteps x 3 (the official "
                                        "LCM preset's constants; meant for a model with the LCM LoRA)."),
-                io.Conditioning.Input("conditioning", optional=True,
-                                      tooltip="The empty prompt (CLIP Text Encode of ''); or connect clip."),
-                io.Clip.Input("clip", optional=True, tooltip="Used to encode the empty prompt if no conditioning."),
+                *_prompt_inputs(),
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="A DINOv2 model (CLIP Vision Loader) for the semantic part of the match, "
                                             "as the paper; without it the decoder features stand in (the node says "
