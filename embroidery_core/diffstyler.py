@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .blocks import NUM_RES_BLOCKS
-from .diffusion import check_prediction, denoised
+from .diffusion import check_prediction, eps_and_x0
 
 # raw model output for (x_t, sigma [B]): what diffusion.Denoiser returns with its conditioning bound
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -31,12 +31,6 @@ def ddim_sigmas(schedule: torch.Tensor, steps: int) -> torch.Tensor:
         raise ValueError(f"steps must be >= 1, got {steps}")
     index = torch.linspace(len(schedule) - 1, 0, steps).round().long()
     return torch.cat([schedule[index].float(), torch.zeros(1)])
-
-
-def _eps_and_x0(prediction: str, output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor):
-    x0 = denoised(prediction, output.float(), x, sigma)
-    s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-    return (x - x0) / s, x0
 
 
 @dataclass
@@ -79,7 +73,7 @@ def invert(model: ModelFn, prediction: str, source: torch.Tensor, sigmas: torch.
     latents = [x]
     for sigma, sigma_next in zip(up[:-1], up[1:]):
         at = torch.full((x.shape[0],), max(float(sigma), sigma_min))
-        eps, x0 = _eps_and_x0(prediction, model(x, at), x, at)
+        eps, x0 = eps_and_x0(prediction, model(x, at), x, at)
         x = x0 + sigma_next * eps
         latents.append(x)
     return Inversion(sigmas.float(), torch.stack(latents[::-1]))
@@ -92,7 +86,7 @@ def ddim_sample(model: ModelFn, prediction: str, x: torch.Tensor, sigmas: torch.
     x = x.float()
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         at = torch.full((x.shape[0],), float(sigma))
-        eps, x0 = _eps_and_x0(prediction, model(x, at), x, at)
+        eps, x0 = eps_and_x0(prediction, model(x, at), x, at)
         x = x0 + sigma_next * eps
     return x
 
@@ -338,6 +332,6 @@ def restyle(injection: SourceInjection, branches: list[Branch], inversion: Inver
         negative, positive = fused_step(injection, branches, schedule, i, steps, x, inversion.latents[i], at,
                                         timestep(float(sigmas[i])))
         guided = negative + cfg * (positive - negative)
-        eps, x0 = _eps_and_x0(prediction, guided, x, at)
+        eps, x0 = eps_and_x0(prediction, guided, x, at)
         x = x0 + sigmas[i + 1] * eps
     return x

@@ -66,6 +66,13 @@ def denoised(prediction: str, output: torch.Tensor, x_t: torch.Tensor, sigma: to
     return x_t - output * s
 
 
+def eps_and_x0(prediction: str, output: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor):
+    """(eps, x0) from a raw output, in the sigma form ``x_t = x0 + sigma * eps``: what a DDIM step
+    (down or up the schedule) needs."""
+    x0 = denoised(prediction, output.float(), x_t, sigma)
+    return (x_t - x0) / _view(sigma, x_t), x0
+
+
 @dataclass(frozen=True)
 class DiscreteSchedule:
     """SD's DDPM schedule: 1000 steps, scaled-linear betas 0.00085..0.012."""

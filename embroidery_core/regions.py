@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .blocks import NUM_RES_BLOCKS, _upsampler_part
+from .diffusion import eps_and_x0
+
 
 @dataclass(frozen=True)
 class RegionConfig:
@@ -299,8 +302,6 @@ def feature_block(arch) -> str:
     upsampler ending the second-to-last decoder level, gives SDXL's output_blocks.5.2 (the end of
     up_blocks.1, 640 channels at full size; our extension). The upsampler rather than the whole
     block, because ComfyUI's UNet runs a block's layers one by one, never the block's forward."""
-    from .blocks import NUM_RES_BLOCKS, _upsampler_part
-
     level = arch.levels - 2
     return f"output_blocks.{(level + 1) * (NUM_RES_BLOCKS + 1) - 1}.{_upsampler_part(level, arch)}"
 
@@ -312,8 +313,6 @@ def invert_for_regions(model, prediction: str, source: torch.Tensor, schedule: t
     latent of the level below at that timestep, as the official loop does) and moving it up one
     level. ``model(x, sigma)`` returns the raw output; the caller records features at each call
     (step x = 0 is the least noisy). Returns the latent at the last level (the official C15)."""
-    from .diffstyler import _eps_and_x0
-
     stride = len(schedule) // steps
     x = source.float()
     for t in [stride * i + 1 for i in range(steps)]:
@@ -321,7 +320,7 @@ def invert_for_regions(model, prediction: str, source: torch.Tensor, schedule: t
         # the same VP latent, labelled with the step's timestep: sigma form scales by sqrt(1 + sigma^2)
         shown = x * ((1 + here ** 2) / (1 + below ** 2)) ** 0.5
         at = torch.full((x.shape[0],), here)
-        eps, _ = _eps_and_x0(prediction, model(shown, at), shown, at)
+        eps, _ = eps_and_x0(prediction, model(shown, at), shown, at)
         x = (x - below * eps) + here * eps  # x0 estimate at the level below, then up to this level
     return x
 
