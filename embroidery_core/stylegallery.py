@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .regions import region_masks
+
 
 @dataclass(frozen=True)
 class MatchWeights:
@@ -189,6 +191,23 @@ def match_regions(content: list[RegionDescriptor], styles: list[list[RegionDescr
         score, i, j = max(scored, key=lambda v: (v[0], -v[1], -v[2]))
         out.append((i, j, score))
     return out
+
+
+def matched_pairs(content: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                  styles: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], seed: int = 0):
+    """The matching step end to end. Each image is (labels [h, w], decoder features [C, h, w],
+    semantic features [D, p, p]); one seeded stat encoder serves them all. Returns the matches
+    [(style image, style region, score)] per content region and the (content mask, style image,
+    style mask) pairs :func:`stylize` takes."""
+    encoder = StatEncoder(content[1].shape[0], seed=seed)
+
+    def descriptors(labels, features, semantic):
+        return [describe(features, semantic, m, encoder) for m in region_masks(labels)]
+
+    matches = match_regions(descriptors(*content), [descriptors(*s) for s in styles])
+    content_masks = region_masks(content[0])
+    pairs = [(content_masks[c], s, region_masks(styles[s][0])[j]) for c, (s, j, _) in enumerate(matches)]
+    return matches, pairs
 
 
 # ---------------------------------------------------------------------------- losses

@@ -12,8 +12,8 @@ from comfy_api.latest import io
 
 from ..embroidery_core.images import region_preview
 from ..embroidery_core.regions import BlockRecorder, RegionConfig, analyse_image, feature_block, region_masks, relabel
-from ..embroidery_core.stylegallery import (AttentionRecorder, StatEncoder, StylizeConfig, attention_layers, describe,
-                                            match_regions, standardise_channels, stylize)
+from ..embroidery_core.stylegallery import (AttentionRecorder, StylizeConfig, attention_layers, matched_pairs,
+                                            standardise_channels, stylize)
 from . import comfy_training as ct
 from .common import CATEGORY, NodeInputError, PackNode, check_choice, model_family
 
@@ -215,16 +215,10 @@ class EmbroideryStyleGallery(PackNode):
             style_cond = _prompt(model, conditioning, clip, styles[:1], denoiser.device, GALLERY)
             style_found = [_analyse(model, vae, clone, style_cond, styles[i:i + 1], None, regions_config, bar)
                            for i in range(styles.shape[0])]
-            stat = StatEncoder(found.features.shape[0])
-            semantic = _semantic(clip_vision, content, found.features)
-            content_desc = [describe(found.features, semantic, m, stat) for m in region_masks(labels)]
-            style_desc = []
-            for i, (f, _) in enumerate(style_found):
-                semantic = _semantic(clip_vision, styles[i:i + 1], f.features)
-                style_desc.append([describe(f.features, semantic, m, stat) for m in region_masks(f.labels)])
-            matches = match_regions(content_desc, style_desc)
-            pairs = [(region_masks(labels)[c], s, region_masks(style_found[s][0].labels)[j])
-                     for c, (s, j, _) in enumerate(matches)]
+            matches, pairs = matched_pairs(
+                (labels, found.features, _semantic(clip_vision, content, found.features)),
+                [(f.labels, f.features, _semantic(clip_vision, styles[i:i + 1], f.features))
+                 for i, (f, _) in enumerate(style_found)])
             features = self_attention(clone, denoiser, cond, bar)
             latent = stylize(standardise_channels(found.inverted), features, content_latent,
                              [latent for _, latent in style_found], pairs, config)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from embroidery_core.adapters import installed
-from embroidery_core.regions import BlockRecorder, RegionConfig, analyse_image, feature_block, region_masks
-from embroidery_core.stylegallery import (AttentionRecorder, StatEncoder, StylizeConfig, attention_layers, describe,
-                                          match_regions, standardise_channels, stylize)
+from embroidery_core.regions import BlockRecorder, RegionConfig, analyse_image, feature_block
+from embroidery_core.stylegallery import (AttentionRecorder, StylizeConfig, attention_layers, matched_pairs,
+                                          standardise_channels, stylize)
 from .model import UNCOND, from_latent, to_latent, toy_denoiser
 
 
@@ -53,15 +53,8 @@ def stylegallery(unet, encoder, content: torch.Tensor, styles: list[torch.Tensor
     Returns (IMAGE, matches [(content region, style image, style region, score)])."""
     content_labels, content_features, inverted = analyse(unet, encoder, content, region_config)
     analysed = [analyse(unet, encoder, s, region_config) for s in styles]
-    encoder_stat = StatEncoder(content_features.shape[0])
-
-    def descriptors(labels, features):
-        return [describe(features, features, m, encoder_stat) for m in region_masks(labels)]
-
-    content_masks = region_masks(content_labels)
-    matches = match_regions(descriptors(content_labels, content_features),
-                            [descriptors(labels, features) for labels, features, _ in analysed])
-    pairs = [(content_masks[c], s, region_masks(analysed[s][0])[j]) for c, (s, j, _) in enumerate(matches)]
+    matches, pairs = matched_pairs((content_labels, content_features, content_features),
+                                   [(labels, features, features) for labels, features, _ in analysed])
     layers = attention_layers(unet.cfg.arch(), config.layers)
     modules = dict(unet.named_modules())
     recorder = AttentionRecorder(layers, {layer: modules[layer].heads for layer in layers})
