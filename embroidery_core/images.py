@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .clustering import lloyd, plus_plus
+
 # --- colour space constants (sRGB, D65) -----------------------------------------------------------
 _SRGB_TO_XYZ = torch.tensor(
     [
@@ -203,19 +205,6 @@ def _kuwahara(x: torch.Tensor, radius: int) -> torch.Tensor:
     return best_mean
 
 
-def _kmeans_plus_plus(points: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Seeded k-means++ initialisation: spread starting centres so few clusters end up empty."""
-    centres = points[torch.randint(len(points), (1,), generator=gen)]
-    for _ in range(1, k):
-        d2 = torch.cdist(points, centres).amin(1) ** 2
-        if float(d2.sum()) <= 0.0:  # fewer distinct colours than k: duplicate a centre
-            idx = torch.randint(len(points), (1,), generator=gen)
-        else:
-            idx = torch.multinomial(d2, 1, generator=gen)
-        centres = torch.cat((centres, points[idx]))
-    return centres
-
-
 def _kmeans(points: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means on a seeded subsample of [N,3] LAB points (CPU, so any device gives the
     same palette). Returns [k,3] centres and [k] counts; an empty cluster keeps its centre."""
@@ -223,17 +212,7 @@ def _kmeans(points: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torc
     points = points.cpu()
     if len(points) > KMEANS_SAMPLES:
         points = points[torch.randint(len(points), (KMEANS_SAMPLES,), generator=gen)]
-    centres = _kmeans_plus_plus(points, k, gen)
-    for _ in range(KMEANS_ITERS):
-        labels = torch.cdist(points, centres).argmin(1)
-        sums = torch.zeros_like(centres).index_add_(0, labels, points)
-        counts = torch.bincount(labels, minlength=k).float()[:, None]
-        new = torch.where(counts > 0, sums / counts.clamp_min(1.0), centres)
-        converged = torch.allclose(new, centres, atol=1e-4)
-        centres = new
-        if converged:
-            break
-    return centres, counts[:, 0]
+    return lloyd(points, plus_plus(points, k, gen), KMEANS_ITERS, atol=1e-4)
 
 
 def _merge_close(centres: torch.Tensor, counts: torch.Tensor, delta_e: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .blocks import NUM_RES_BLOCKS, _upsampler_part
+from .clustering import lloyd, plus_plus
 from .diffusion import eps_and_x0
 
 
@@ -80,18 +81,6 @@ def pca(x: torch.Tensor, components: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- k-means
 
 
-def _plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding: each next centre drawn with probability proportional to D^2."""
-    centres = [x[torch.randint(len(x), (1,), generator=generator)].squeeze(0)]
-    for _ in range(1, k):
-        d2 = torch.cdist(x, torch.stack(centres)).min(dim=1).values ** 2
-        if float(d2.sum()) == 0.0:
-            centres.append(x[torch.randint(len(x), (1,), generator=generator)].squeeze(0))
-            continue
-        centres.append(x[torch.multinomial(d2 / d2.sum(), 1, generator=generator)].squeeze(0))
-    return torch.stack(centres)
-
-
 def kmeans(x: torch.Tensor, k: int, iterations: int = 50, restarts: int = 3, seed: int = 0) -> torch.Tensor:
     """Labels [n] of Lloyd's k-means from k-means++ seeds, the best of ``restarts`` by inertia."""
     if not 1 <= k <= len(x):
@@ -99,13 +88,7 @@ def kmeans(x: torch.Tensor, k: int, iterations: int = 50, restarts: int = 3, see
     generator = torch.Generator().manual_seed(seed)
     best, best_inertia = None, math.inf
     for _ in range(restarts):
-        centres = _plus_plus(x, k, generator)
-        for _ in range(iterations):
-            labels = torch.cdist(x, centres).argmin(dim=1)
-            moved = torch.stack([x[labels == j].mean(dim=0) if (labels == j).any() else centres[j] for j in range(k)])
-            if torch.allclose(moved, centres):
-                break
-            centres = moved
+        centres, _ = lloyd(x, plus_plus(x, k, generator), iterations)
         labels = torch.cdist(x, centres).argmin(dim=1)
         inertia = float(((x - centres[labels]) ** 2).sum())
         if inertia < best_inertia:
