@@ -38,7 +38,7 @@ def test_quick_demo_writes_contact_sheet_and_metrics(tmp_path):
 
 
 def test_demo_rejects_a_technique_the_base_model_has_seen(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "toyworld", "demo", "--quick", "--technique", "satin horizontal fine",
+    done = subprocess.run([sys.executable, "-m", "toyworld", "demo", "--quick", "--technique", "satin horizontal fine matte",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "held-out" in done.stderr
 

@@ -21,7 +21,7 @@ def test_smoke_run_writes_a_table_of_every_method_and_keeps_the_prose(tmp_path):
     doc.write_text("# Fidelity\n\nProse a person wrote.\n\n" + benchmark.RESULTS_START + "old numbers"
                    + benchmark.RESULTS_END + "\n\nMore prose.\n")
     runs_json = tmp_path / "runs.json"
-    assert benchmark.main(["--quick", "--techniques", "knot vertical fine", "--refs", "1", "--designs", "1",
+    assert benchmark.main(["--quick", "--techniques", "knot vertical fine metallic", "--refs", "1", "--designs", "1",
                            "--seeds", "1", "--doc", str(doc), "--json", str(runs_json)]) == 0
 
     text = doc.read_text()
@@ -35,7 +35,7 @@ def test_smoke_run_writes_a_table_of_every_method_and_keeps_the_prose(tmp_path):
         assert text.count(f"| {benchmark.LABELS[method]} |") == 3  # main table, paired table, per technique
     runs = json.loads(runs_json.read_text())
     assert set(runs["gate"]) == set(TRAIN_TECHNIQUES + HELD_OUT)
-    assert len(runs["runs"]) == 1 and runs["runs"][0]["technique"] == "knot vertical fine"
+    assert len(runs["runs"]) == 1 and runs["runs"][0]["technique"] == "knot vertical fine metallic"
     truth = runs["runs"][0]["ground_truth"]
     assert truth["hfrd_gt"] == 0.0 and truth["hist_gt"] == 0.0  # the render against itself
     assert truth["technique_accuracy"] == 1.0 and truth["palette_leak"] < 5.0
@@ -85,12 +85,12 @@ def test_gate_needs_every_training_and_held_out_technique():
 
 def test_base_check_has_a_row_per_technique_and_marks_the_held_out_ones():
     torch.set_num_threads(1)
-    techniques = (TRAIN_TECHNIQUES[0], HELD_OUT[0], "chain horizontal fine")
+    techniques = (TRAIN_TECHNIQUES[0], HELD_OUT[0], "chain horizontal fine matte")
     table, accuracy = benchmark.base_check(1, strengths=(0.6,), techniques=techniques)
     table = table.splitlines()
     assert len(table) == 5 and table[0].count("@ 0.6") == 2
     assert table[2].startswith(f"| `{TRAIN_TECHNIQUES[0]}` |") and table[3].startswith(f"| `{HELD_OUT[0]}` (held out) |")
-    assert table[4].startswith("| `chain horizontal fine` (new kind) |")
+    assert table[4].startswith("| `chain horizontal fine matte` (new kind) |")
     score, hfrd_gt = (float(c) for c in table[2].strip("|").split("|")[1:])
     assert score == accuracy[TRAIN_TECHNIQUES[0]] and 0.0 <= score <= 1.0 and hfrd_gt >= 0.0
 
@@ -117,16 +117,28 @@ def test_round_trip_needs_base_check():
 
 def test_an_unknown_technique_is_refused():
     with pytest.raises(SystemExit):
-        benchmark.main(["--techniques", "satin horizontal fine"])  # a training technique, not held out
+        benchmark.main(["--techniques", "satin horizontal fine matte"])  # a training technique, not held out
 
 
-def test_runs_in_several_processes_give_the_numbers_of_one():
+def test_runs_in_several_processes_give_the_numbers_of_one_and_resume_from_the_runs_kept(tmp_path, monkeypatch):
     """--jobs: the runs are independent and seeded, so two worker processes (one thread each)
-    give exactly the single-process numbers, in the same order."""
+    give exactly the single-process numbers, in the same order. --runs-dir: a second invocation
+    reads back every run the first kept, and runs again one whose settings changed."""
     torch.set_num_threads(1)  # what each worker uses: the same arithmetic
     config = benchmark.ToyRunConfig(**benchmark.demo.QUICK)
-    args = (1, 1, 2, ("knot vertical fine",), config)
-    one = benchmark.run(*args, jobs=1)
-    two = benchmark.run(*args, jobs=2)
+    args = (1, 1, 2, ("knot vertical fine metallic",), config)
+    one, reused = benchmark.run(*args, jobs=1, runs_dir=str(tmp_path))
+    assert reused == 0 and len(list(tmp_path.glob("*.json"))) == 2
+    two, _ = benchmark.run(*args, jobs=2)
     strip = lambda runs: [{k: v for k, v in r.items() if k != "train_seconds"} for r in runs]  # noqa: E731
     assert strip(one) == strip(two) and [r["seed"] for r in two] == [0, 1]
+
+    def no_work(task):
+        raise AssertionError(f"ran {task[:3]} again")
+
+    monkeypatch.setattr(benchmark, "_run_task", no_work)
+    again, reused = benchmark.run(*args, jobs=1, runs_dir=str(tmp_path))
+    assert reused == 2 and again == one
+    changed = benchmark.ToyRunConfig(**{**benchmark.demo.QUICK, "cfg": 2.0})
+    with pytest.raises(AssertionError, match="ran"):  # other settings: not the same run
+        benchmark.run(1, 1, 2, ("knot vertical fine metallic",), changed, jobs=1, runs_dir=str(tmp_path))

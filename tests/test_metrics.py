@@ -50,7 +50,7 @@ def test_hfr_known_images():
 
 
 def test_hfr_falls_with_cutoff_and_is_a_ratio():
-    img, _ = render_embroidery(make_design(0), "satin horizontal fine", 0)
+    img, _ = render_embroidery(make_design(0), "satin horizontal fine matte", 0)
     values = [high_frequency_ratio(img, c) for c in (0.0, 0.1, 0.25, 0.5, 1.0, 1.5)]
     assert values[0] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values, values[1:]))
@@ -58,7 +58,7 @@ def test_hfr_falls_with_cutoff_and_is_a_ratio():
 
 
 def test_hfr_accepts_comfy_batches():
-    img, _ = render_embroidery(make_design(1), "tatami vertical fine", 1)
+    img, _ = render_embroidery(make_design(1), "tatami vertical fine matte", 1)
     single = high_frequency_ratio(img)
     batch = torch.from_numpy(np.stack([img, _checkerboard()]))
     assert high_frequency_ratio(torch.from_numpy(img)[None]) == pytest.approx(single)
@@ -118,10 +118,10 @@ def test_paper_histogram_scores():
 
 def test_histograms_rank_toy_outputs_sensibly():
     d = make_design(4)
-    emb, _ = render_embroidery(d, "satin horizontal fine", 0)
-    other, _ = render_embroidery(make_design(9), "satin horizontal fine", 0)
+    emb, _ = render_embroidery(d, "satin horizontal fine matte", 0)
+    other, _ = render_embroidery(make_design(9), "satin horizontal fine matte", 0)
     assert hist_design_distance(emb, d.image) < hist_design_distance(other, d.image)
-    assert hist_ref_similarity(render_embroidery(d, "satin horizontal fine", 1)[0], emb) > hist_ref_similarity(other, emb)
+    assert hist_ref_similarity(render_embroidery(d, "satin horizontal fine matte", 1)[0], emb) > hist_ref_similarity(other, emb)
 
 
 # --- content ---------------------------------------------------------------------------------

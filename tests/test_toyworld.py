@@ -29,11 +29,10 @@ RENDER_BUDGET_S = 0.05  # one 128 px render
 
 
 def _shade(technique, size=64):
-    """The renderer's shading alone (no colour, no per-stitch jitter), on the image grid."""
-    kind, direction, spacing = attributes(technique)
-    renderer, length = gen._RENDERERS[kind]
+    """The renderer's shading alone (no colour, no per-stitch jitter, no lustre), on the image grid."""
+    kind, direction, spacing, _ = attributes(technique)
     period = gen.SPACINGS[spacing] * size / gen.BASE_SIDE
-    return renderer(gen._cells((size, size), direction, period, length)).shade
+    return gen._RENDERERS[kind](gen._cells((size, size), direction, period)).shade
 
 
 # --- designs ---------------------------------------------------------------------------------
@@ -86,7 +85,8 @@ def test_render_output_format():
         assert 0.0 <= img.min() and img.max() <= 1.0
 
 
-@pytest.mark.parametrize("bad", ["applique", "knot diagonal fine", "knot vertical", "satin fine horizontal"])
+@pytest.mark.parametrize("bad", ["applique", "knot diagonal fine matte", "knot vertical fine",
+                                 "satin fine horizontal matte", "knot vertical fine matte shiny"])
 def test_unknown_technique_is_rejected(bad):
     with pytest.raises(ValueError, match=f"unknown technique '{bad}'"):
         render_embroidery(make_design(0), bad, 0)
@@ -135,24 +135,40 @@ def test_every_kind_covers_the_design_exactly():
 
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
-def test_stitches_lie_on_the_fabric_grid(technique):
-    """A technique's shading repeats every two periods in both directions, aligned with the image
-    (so a 4 x 4 latent fold sees the same code at every position of a fine fill); fine and coarse
-    differ, and vertical is horizontal transposed."""
-    kind, direction, spacing = attributes(technique)
+def test_each_attribute_is_one_operation_on_the_cell(technique):
+    """One stitch per cell, aligned with the image (so a 4 x 4 latent fold sees the same code at
+    every position of a fine fill); "vertical" is "horizontal" turned by 90 degrees and "coarse"
+    is "fine" at twice the size, for every kind, and each shows."""
+    kind, direction, spacing, sheen = attributes(technique)
     shade = _shade(technique)
-    step = 2 * gen.SPACINGS[spacing]
+    step = gen.SPACINGS[spacing]
     np.testing.assert_allclose(shade, np.roll(shade, step, axis=0))
     np.testing.assert_allclose(shade, np.roll(shade, step, axis=1))
-    other = "coarse" if spacing == "fine" else "fine"
-    assert np.abs(shade - _shade(f"{kind} {direction} {other}")).mean() > 0.05
-    turned = "vertical" if direction == "horizontal" else "horizontal"
-    np.testing.assert_allclose(shade.T, _shade(f"{kind} {turned} {spacing}"))
+    if direction == "horizontal":  # P(x, y) -> P(y, 1 - x): a quarter turn of every cell
+        turned = _shade(f"{kind} vertical {spacing} {sheen}")
+        np.testing.assert_allclose(np.rot90(shade, -1), turned, atol=1e-9)
+        assert np.abs(shade - turned).mean() > 0.05, technique  # every kind shows its direction
+    if spacing == "fine":  # a coarse cell at 64 px is a fine one at 128 px
+        coarse = _shade(f"{kind} {direction} coarse {sheen}")
+        np.testing.assert_allclose(coarse, _shade(technique, size=128)[:64, :64], atol=1e-9)
+        assert np.abs(coarse - shade).mean() > 0.05, technique
+
+
+def test_metallic_is_the_same_stitches_under_a_broad_lustre():
+    d = make_design(2)
+    mask = d.labels > 0
+    for kind in gen.KINDS:
+        matte, _ = render_embroidery(d, f"{kind} horizontal fine matte", 0)
+        metallic, _ = render_embroidery(d, f"{kind} horizontal fine metallic", 0)
+        ratio = (metallic.mean(-1) / np.maximum(matte.mean(-1), 1e-3))[mask]
+        lustre = gen._lustre(mask.shape, 1.0)[mask]
+        assert np.corrcoef(ratio, lustre)[0, 1] > 0.8, kind  # brighter where the lustre is
+        assert ratio.std() > 0.1, kind
 
 
 def test_satin_and_knots_have_specular_highlights():
     d = make_design(1, 128)
-    for technique in ("satin horizontal coarse", "knot horizontal coarse"):
+    for technique in ("satin horizontal coarse matte", "knot horizontal coarse matte"):
         img, mask = render_embroidery(d, technique, 0)
         above = img - d.region_rgb[d.labels]
         shiny = (above.min(axis=-1) > 0.1) & mask
@@ -161,16 +177,25 @@ def test_satin_and_knots_have_specular_highlights():
 
 def test_technique_split():
     assert set(TRAIN_TECHNIQUES) | set(HELD_OUT) | set(NEW_KIND_TECHNIQUES) == set(TECHNIQUES)
-    assert len(TRAIN_TECHNIQUES) + len(HELD_OUT) + len(NEW_KIND_TECHNIQUES) == len(TECHNIQUES) == 20
+    assert len(TRAIN_TECHNIQUES) + len(HELD_OUT) + len(NEW_KIND_TECHNIQUES) == len(TECHNIQUES) == 40
     assert len(HELD_OUT) >= 3
     seen = {word for t in TRAIN_TECHNIQUES for word in t.split()}
-    for technique in HELD_OUT:  # an unseen combination of words the base model knows
+    for technique in HELD_OUT:  # an unseen combination of words the base model knows ...
         assert set(technique.split()) <= seen, technique
+        words = attributes(technique)
+        for i, values in enumerate(ATTRIBUTES[1:], 1):  # ... with every neighbour one word away trained
+            for value in values:
+                if value != words[i]:
+                    neighbour = " ".join(words[:i] + (value,) + words[i + 1:])
+                    assert neighbour in TRAIN_TECHNIQUES, (technique, neighbour)
+    for i in range(1, len(ATTRIBUTES)):  # each direction, spacing and sheen is held out as often
+        counts = [sum(attributes(t)[i] == v for t in HELD_OUT) for v in ATTRIBUTES[i]]
+        assert len(set(counts)) == 1, (i, counts)
     assert gen.NEW_KIND not in seen and all(t.split()[0] == gen.NEW_KIND for t in NEW_KIND_TECHNIQUES)
 
 
 def test_attributes_parse_a_technique():
-    assert attributes("knot vertical fine") == ("knot", "vertical", "fine")
+    assert attributes("knot vertical fine metallic") == ("knot", "vertical", "fine", "metallic")
     assert TECHNIQUES == tuple(" ".join(a) for a in itertools.product(*ATTRIBUTES))
 
 
@@ -216,12 +241,12 @@ def test_vocab_covers_the_world():
 
 def test_sample_pair_prompts_fit_and_match():
     for seed in range(20):
-        pair = sample_pair(seed, "satin horizontal fine")
+        pair = sample_pair(seed, "satin horizontal fine matte")
         assert pair["design"].shape == pair["embroidery"].shape == (64, 64, 3)
         assert pair["embroidery_prompt"] == pair["design_prompt"] + f" in {TRIGGER} style"
         assert pair["design_prompt"].split()[1:] == pair["words"]
         tokenize(pair["embroidery_prompt"])  # fits the default length
         tokenize(pair["design_prompt"] + " in " + TECHNIQUES[-1] + " style")  # so does the longest technique
-    pair = sample_pair(7, "knot vertical fine", size=32)
+    pair = sample_pair(7, "knot vertical fine metallic", size=32)
     assert pair["mask"].shape == (32, 32)
 

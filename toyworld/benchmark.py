@@ -1,7 +1,12 @@
 """One-shot fidelity benchmark in the toy world: EmoLoRA against its ablation and the seed methods.
 
-    python -m toyworld.benchmark [--refs K] [--designs M] [--seeds S] [--doc docs/FIDELITY.md]
+    python -m toyworld.benchmark [--refs K] [--designs M] [--seeds S] [--doc docs/FIDELITY.md] [--runs-dir DIR]
     python -m toyworld.benchmark --base-check [--gate-designs M]
+
+With ``--runs-dir`` every finished (technique, reference, seed) run is kept there as JSON, and the
+same command run again reads those back instead of running them (only when the task, the run
+settings and the digests of both model files match): a benchmark longer than a session is
+finished in several.
 
 First the base-model gate (``gate``): no LoRA, every training technique and every held-out
 combination prompted by its own attribute words, img2img from the benchmark's new designs at its
@@ -42,6 +47,7 @@ paired differences to every other method (same technique, reference and seed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -69,7 +75,7 @@ from .sample import diffstyled, generate, style_guided
 
 BENCH_REFERENCE_SEED = 4_000_000  # + 1000 x technique index + reference index
 BENCH_DESIGN_SEED = 4_500_000
-NEW_KIND_CASE = NEW_KIND_TECHNIQUES[0]  # "chain horizontal fine"
+NEW_KIND_CASE = NEW_KIND_TECHNIQUES[0]  # "chain horizontal fine matte"
 BENCH_TECHNIQUES = HELD_OUT + (NEW_KIND_CASE,)
 METHODS = ("emolora", "emolora_stage1", "blora", "full_lora", "pair_customization", "diffstyler", "stylegallery",
            "no_lora", "ground_truth")
@@ -173,9 +179,43 @@ def run_one(unet, encoder, classifier, technique: str, reference_seed: int, seed
 _WORKER: dict = {}
 
 
+def run_identity(technique: str, k: int, seed: int, designs: int, config: ToyRunConfig,
+                 weights: str | None, classifier_weights: str | None) -> dict:
+    """What a run's numbers depend on: its task, the run config and the digests of the two model
+    files. A stored run is reused only when all of it matches."""
+    from .classifier import WEIGHTS as CLASSIFIER_WEIGHTS
+    from .model import WEIGHTS as BASE_WEIGHTS
+    from .train_base import init_digest
+
+    return {"technique": technique, "reference": k, "seed": seed, "designs": designs,
+            "config": dataclasses.asdict(config), "base": init_digest(weights or BASE_WEIGHTS),
+            "classifier": init_digest(classifier_weights or CLASSIFIER_WEIGHTS)}
+
+
+def _stored_path(runs_dir: str, identity: dict) -> str:
+    name = f"{identity['technique'].replace(' ', '-')}_ref{identity['reference']}_seed{identity['seed']}.json"
+    return os.path.join(runs_dir, name)
+
+
+def stored_run(runs_dir: str | None, identity: dict) -> dict | None:
+    """The run kept in ``runs_dir`` for ``identity``, or None (absent, or made with anything else)."""
+    if not runs_dir:
+        return None
+    path = _stored_path(runs_dir, identity)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        stored = json.load(f)
+    if stored.get("identity") != identity:
+        log.warning("%s was made with other settings or models; running it again", path)
+        return None
+    return stored["result"]
+
+
 def _run_task(task) -> dict:
-    """One (technique, reference, seed) run, with the models loaded once per process."""
-    technique, k, seed, designs, config, weights, classifier_weights, threads = task
+    """One (technique, reference, seed) run, with the models loaded once per process; with a
+    runs folder, its result is written there (atomically) as soon as it is done."""
+    technique, k, seed, designs, config, weights, classifier_weights, threads, runs_dir, identity = task
     key = (weights, classifier_weights)
     if _WORKER.get("key") != key:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)  # a spawned worker
@@ -189,23 +229,40 @@ def _run_task(task) -> dict:
     log.info("%s ref %d seed %d in %.0f s: %s", technique, k, seed, time.monotonic() - tick,
              "; ".join(f"{m} acc {result[m]['technique_accuracy']:.2f} leak {result[m]['palette_leak']:.1f}"
                        for m in METHODS[:-2]))
-    return {"technique": technique, "reference": k, "seed": seed, **result}
+    result = {"technique": technique, "reference": k, "seed": seed, **result}
+    if runs_dir:
+        write_text(_stored_path(runs_dir, identity), json.dumps({"identity": identity, "result": result}, indent=1))
+    return result
 
 
 def run(refs: int, designs: int, seeds: int, techniques=BENCH_TECHNIQUES, config: ToyRunConfig | None = None,
-        weights: str | None = None, classifier_weights: str | None = None, jobs: int = 1) -> list[dict]:
-    """Every (technique, reference, seed) run; a list of dicts with the metrics per method. The
-    runs are independent and seeded, so ``jobs`` processes (one torch thread each) give the same
-    numbers as one, in the same order."""
+        weights: str | None = None, classifier_weights: str | None = None, jobs: int = 1,
+        runs_dir: str | None = None) -> tuple[list[dict], int]:
+    """Every (technique, reference, seed) run, and how many of them were read back from
+    ``runs_dir``; a list of dicts with the metrics per method, in task order. The runs are
+    independent and seeded, so ``jobs`` processes (one torch thread each) give the same numbers
+    as one, and a run kept in ``runs_dir`` by an earlier, interrupted invocation (same task,
+    config and model files) is the run this one would make: a long benchmark can be finished
+    over several sessions."""
     config = config or ToyRunConfig()
-    tasks = [(technique, k, seed, designs, config, weights, classifier_weights, 1 if jobs > 1 else torch.get_num_threads())
-             for technique in techniques for k in range(refs) for seed in range(seeds)]
-    if jobs <= 1:
-        return [_run_task(task) for task in tasks]
-    import multiprocessing
+    tasks = []
+    for technique in techniques:
+        for k in range(refs):
+            for seed in range(seeds):
+                identity = run_identity(technique, k, seed, designs, config, weights, classifier_weights)
+                tasks.append((technique, k, seed, designs, config, weights, classifier_weights,
+                              1 if jobs > 1 else torch.get_num_threads(), runs_dir, identity))
+    results = [stored_run(runs_dir, task[-1]) for task in tasks]
+    todo = [task for task, result in zip(tasks, results) if result is None]
+    if todo and jobs > 1:
+        import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-        return pool.map(_run_task, tasks, chunksize=1)
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            fresh = pool.map(_run_task, todo, chunksize=1)
+    else:
+        fresh = [_run_task(task) for task in todo]
+    fresh_iter = iter(fresh)
+    return [result if result is not None else next(fresh_iter) for result in results], len(tasks) - len(todo)
 
 
 # --- the base model's own ceiling, and the gate ----------------------------------------------
@@ -337,7 +394,7 @@ def paired_table(comparison: dict) -> str:
     return "\n".join(lines)
 
 
-def results_block(runs: list[dict], args, minutes: float, gate_table: str, gate_line: str) -> str:
+def results_block(runs: list[dict], args, minutes: float, gate_table: str, gate_line: str, reused: int = 0) -> str:
     main_runs = [r for r in runs if r["technique"] in HELD_OUT]
     techniques = [t for t in BENCH_TECHNIQUES if any(r["technique"] == t for r in runs)]
     command = (f"python -m toyworld.benchmark --refs {args.refs} --designs {args.designs} --seeds {args.seeds}"
@@ -349,7 +406,8 @@ def results_block(runs: list[dict], args, minutes: float, gate_table: str, gate_
              "working tree of this change); torch " + torch.__version__
              + f"; {platform.machine()} CPU, {torch.get_num_threads()} thread(s).",
              f"- Size: {len(techniques)} technique(s) x {args.refs} reference(s) x {args.seeds} seed(s) = "
-             f"{len(runs)} runs, each turning the same {args.designs} new designs; wall clock {minutes:.1f} min.",
+             f"{len(runs)} runs, each turning the same {args.designs} new designs; wall clock {minutes:.1f} min"
+             + (f" in this invocation ({reused} runs read back from an earlier one's --runs-dir)." if reused else "."),
              f"- {gate_line}", "", gate_table, "",
              "Cells: mean ± standard deviation over runs [bootstrap 95 % interval of the mean]."]
     if main_runs:
@@ -390,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="run the independent (technique, reference, seed) runs in this many processes, one "
                              "thread each (2 on a 2-core machine: the same numbers, about half the time)")
+    parser.add_argument("--runs-dir", default=None,
+                        help="keep every finished run here and reuse the ones an earlier, interrupted "
+                             "invocation left (same task, settings and model files): resumable")
     parser.add_argument("--weights", default=None, help="another toy base model file (default: the shipped one)")
     parser.add_argument("--classifier", default=None, help="another technique classifier file")
     parser.add_argument("--quick", action="store_true", help="the demo's smoke-run iterations (checks the script only)")
@@ -421,10 +482,10 @@ def main(argv: list[str] | None = None) -> int:
                                       args.weights, classifier_weights=args.classifier)
     passed, gate_line = gate_verdict(accuracy, gate_designs)
     log.info(gate_line)
-    runs = run(args.refs, args.designs, args.seeds, techniques, ToyRunConfig(**(demo.QUICK if args.quick else {})),
-               args.weights, args.classifier, args.jobs)
+    runs, reused = run(args.refs, args.designs, args.seeds, techniques, ToyRunConfig(**(demo.QUICK if args.quick else {})),
+                       args.weights, args.classifier, args.jobs, args.runs_dir)
     minutes = (time.monotonic() - start) / 60
-    block = results_block(runs, args, minutes, gate_table, gate_line)
+    block = results_block(runs, args, minutes, gate_table, gate_line, reused)
     print(block)
     if args.json:
         write_text(args.json, json.dumps({"args": vars(args), "minutes": minutes, "gate_passed": passed,

@@ -1,11 +1,11 @@
-"""Stitch-technique classifier: which of the 20 techniques (or a flat design) a 64 px toy image shows.
+"""Stitch-technique classifier: which of the 40 techniques (or a flat design) a 64 px toy image shows.
 
     python -m toyworld.classifier --out technique_classifier.safetensors [--steps N]
 
 The benchmark's "technique accuracy" is the share of outputs this CNN assigns to the target
-technique, all three attributes right (``attribute_accuracy`` reads one attribute of the
+technique, all four attributes right (``attribute_accuracy`` reads one attribute of the
 prediction). It is trained on fresh generator renders of every technique, held-out ones and
-the new kind included (it is the judge, not a model under test), plus flat designs (a 21st
+the new kind included (it is the judge, not a model under test), plus flat designs (a 41st
 class, so an output that stayed flat counts as wrong rather than as its nearest stitch), with
 light noise, blur and a shift of up to one coarse stitch, so that slightly soft or shifted
 model outputs are still read by their texture. Seeded: same command, same file.
@@ -35,14 +35,14 @@ from .train_base import TRAIN_DESIGN_SEEDS
 CLASSES = TECHNIQUES + ("design",)
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "technique_classifier.safetensors")
 FORMAT = "embroidery-toy-technique-classifier/1"
-SCRIPT_VERSION = "2"
+SCRIPT_VERSION = "3"
 log = logging.getLogger("toyworld.classifier")
 
 
 @dataclass
 class ClassifierConfig:
     seed: int = 0
-    steps: int = 2000
+    steps: int = 3000  # 41 classes (the first world's 21 needed 2000)
     batch: int = 64
     learning_rate: float = 2e-3
     width: int = 32
@@ -158,7 +158,7 @@ def technique_accuracy(model: TechniqueClassifier, images, technique: str) -> fl
 
 
 def attribute_hits(predicted: list[str], technique: str, attribute: int) -> list[float]:
-    """Per prediction, 1.0 where its ``attribute`` (0 kind, 1 direction, 2 spacing) matches
+    """Per prediction, 1.0 where its ``attribute`` (0 kind, 1 direction, 2 spacing, 3 sheen) matches
     ``technique``'s; a prediction of "design" matches nothing."""
     want = attributes(technique)[attribute]
     return [float(p != "design" and attributes(p)[attribute] == want) for p in predicted]

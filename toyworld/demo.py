@@ -1,6 +1,6 @@
 """EmoLoRA end to end in the toy world: one reference in a held-out technique -> new designs in its style.
 
-    python -m toyworld demo [--out ./embroidery_demo] [--quick] [--technique "knot vertical fine"]
+    python -m toyworld demo [--out ./embroidery_demo] [--quick] [--technique "knot vertical fine metallic"]
 
 The steps are the ones the ComfyUI nodes run, on the toy base model instead of SDXL:
 
@@ -45,7 +45,7 @@ from embroidery_core.pair import design_prompt, embroidery_prompt
 from embroidery_core import keys
 from embroidery_core.methods import EMOLORA, EmoLoRAConfig, train_emolora
 from embroidery_core.trainer import PairLatents, Trainer, export, load_optimizer_state, resume_point, run_phase
-from .generator import DESIGN_COLOURS, HELD_OUT, PALETTE, REFERENCE_COLOURS, TRIGGER, sample_pair
+from .generator import ATTRIBUTES, DESIGN_COLOURS, HELD_OUT, PALETTE, REFERENCE_COLOURS, TRIGGER, sample_pair
 from .model import load_toy_model, to_latent, toy_denoiser
 from .sample import generate
 
@@ -237,8 +237,8 @@ def evaluate(outputs: torch.Tensor, reference: Example, targets: list[Example], 
     """The benchmark's metrics of a batch of outputs, each against its own new design.
 
     Against the right answer (the generator's render of each new design in the reference's
-    technique): technique_accuracy (the classifier reads all three attributes, higher is
-    better), attribute_accuracy (share of the three it reads right, higher), hfrd_gt (lower) and
+    technique): technique_accuracy (the classifier reads all four attributes, higher is
+    better), attribute_accuracy (share of the four it reads right, higher), hfrd_gt (lower) and
     hist_gt (100 x chi-square histogram distance, lower). Leakage: palette_leak (% of stitched pixels in a colour
     only the reference has, lower), content_iou (stitched pixels vs the new design's motif
     mask, higher), hist_design (distance to the new design, lower). The paper's columns, against
@@ -265,7 +265,7 @@ def evaluate(outputs: torch.Tensor, reference: Example, targets: list[Example], 
         predicted = predict(classifier, out)
         rows["technique_accuracy"] = [float(p == reference.technique) for p in predicted]
         rows["attribute_accuracy"] = list(np.mean([attribute_hits(predicted, reference.technique, a)
-                                                   for a in range(3)], axis=0))
+                                                   for a in range(len(ATTRIBUTES))], axis=0))
     return {k: float(np.mean(rows[k])) for k in METRIC_KEYS if k in rows}
 
 

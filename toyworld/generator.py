@@ -45,34 +45,41 @@ FABRICS = {  # background cloth; never named in prompts
 SHAPES = ("circle", "square", "triangle", "star", "heart")
 LETTERS = tuple(chr(c) for c in range(ord("A"), ord("Z") + 1))  # upper case: "a" is the article
 
-# A technique is three attributes, each value a word: "knot vertical fine". Stitches are laid on
-# the fabric's grid (like Aida cloth): a pattern repeats every SPACINGS[spacing] px, aligned with
-# the image, so at the toy latent's 4 x 4 fold a fine stitch is one latent position's code, as a
-# stitch of a few pixels is in SD's 1/8-scale latent.
+# A technique is four attributes, each value a word: "knot vertical fine metallic". Stitches are
+# laid on the fabric's grid (like Aida cloth): one stitch per square cell of SPACINGS[spacing] px,
+# aligned with the image, so at the toy latent's 4 x 4 patch code a fine stitch is one latent position's
+# code, as a stitch of a few pixels is in SD's 1/8-scale latent. Each attribute is one operation
+# on a kind's cell pattern, the same for every kind (what lets a small UNet compose them, see
+# docs/FIDELITY.md): "vertical" turns the cell by 90 degrees, "coarse" draws it at twice the
+# size, "metallic" lays a broad diagonal lustre (LUSTRE_PERIOD) over the thread.
 KINDS = ("satin", "tatami", "knot", "cross")  # known to the base model
 NEW_KIND = "chain"  # never trained, not even by its word: the hard case, reported separately
 DIRECTIONS = ("horizontal", "vertical")  # the rows' direction
-SPACINGS = {"fine": 4, "coarse": 8}  # stitch period in px at 64 px
-ATTRIBUTES = (KINDS + (NEW_KIND,), DIRECTIONS, tuple(SPACINGS))
+SPACINGS = {"fine": 4, "coarse": 8}  # stitch cell in px at 64 px
+SHEENS = ("matte", "metallic")  # plain thread, or metallic thread's broad lustre
+ATTRIBUTES = (KINDS + (NEW_KIND,), DIRECTIONS, tuple(SPACINGS), SHEENS)
 TECHNIQUES = tuple(" ".join(a) for a in itertools.product(*ATTRIBUTES))
-# Unseen combinations of known attribute values: the base model knows every word of each (each
-# kind is trained in three of its four combinations), not the combination.
-HELD_OUT = ("knot vertical fine", "satin vertical coarse", "tatami horizontal fine", "cross horizontal coarse")
+# Unseen combinations of known attribute values: the base model knows every word of each and every
+# combination one word away (each kind is trained in seven of its eight combinations), not the
+# combination itself. Between them they take each direction, spacing and sheen twice.
+HELD_OUT = ("knot vertical fine metallic", "satin vertical coarse matte", "tatami horizontal fine matte",
+            "cross horizontal coarse metallic")
 NEW_KIND_TECHNIQUES = tuple(t for t in TECHNIQUES if t.split()[0] == NEW_KIND)
 TRAIN_TECHNIQUES = tuple(t for t in TECHNIQUES if t not in HELD_OUT and t not in NEW_KIND_TECHNIQUES)
 
 TRIGGER = "<trigger>"
 PAD = "<pad>"
-PROMPT_LENGTH = 12  # "a red circle blue star in knot vertical fine style" is 10 words
+PROMPT_LENGTH = 12  # "a red circle blue star in knot vertical fine metallic style" is 11 words
 VOCAB = (PAD, TRIGGER, "a", "in", "style", "design", "embroidery") + tuple(PALETTE) + SHAPES \
     + LETTERS + sum(ATTRIBUTES, ())
 
 
-def attributes(technique: str) -> tuple[str, str, str]:
-    """"knot vertical fine" -> ("knot", "vertical", "fine"); ValueError for anything else."""
+def attributes(technique: str) -> tuple[str, str, str, str]:
+    """"knot vertical fine metallic" -> ("knot", "vertical", "fine", "metallic"); ValueError for
+    anything else."""
     words = tuple(technique.split())
-    if len(words) != 3 or any(w not in values for w, values in zip(words, ATTRIBUTES)):
-        raise ValueError(f"unknown technique {technique!r}; a technique is kind direction spacing, "
+    if len(words) != len(ATTRIBUTES) or any(w not in values for w, values in zip(words, ATTRIBUTES)):
+        raise ValueError(f"unknown technique {technique!r}; a technique is kind direction spacing sheen, "
                          f"one of {ATTRIBUTES}, e.g. {TECHNIQUES[0]!r}")
     return words  # type: ignore[return-value]
 
@@ -99,6 +106,8 @@ WEAVE_AMPLITUDE = 0.03
 SHADOW_STRENGTH = 0.06
 SHADOW_OFFSET, SHADOW_BLUR = 1.0, 1.5
 GAP_SHADE = 0.4  # thread between knots, crosses and loops: in the shadow of its neighbours
+LUSTRE_AMPLITUDE = 0.3  # metallic thread: brightness x (1 + a sin(2 pi (x + y) / period))
+LUSTRE_PERIOD = 16  # px at 64 px: four times a coarse cell, so it never reads as a stitch
 BASE_SIDE = 64  # stitch sizes are defined at 64 px and scale with the image side
 
 
@@ -280,13 +289,13 @@ def _strand_sheen(f: np.ndarray, strength: float) -> np.ndarray:
 # --- one renderer per kind -------------------------------------------------------------------
 
 class Cells(NamedTuple):
-    """Every pixel in stitch-row coordinates: rows of height ``period`` along the technique's
-    direction, odd rows shifted half a period along the row (the brick layout of fills)."""
+    """Every pixel in cell coordinates: square cells of ``period`` px on the image grid, one
+    stitch each, with the stitch's row running along the technique's direction."""
 
     across: np.ndarray  # 0..1 across the row
-    along: np.ndarray  # 0..1 along the stitch (one period)
+    along: np.ndarray  # 0..1 along the row, within one cell
     row: np.ndarray  # int row index
-    col: np.ndarray  # int stitch index along the row
+    col: np.ndarray  # int cell index along the row
     period: float  # px
 
 
@@ -298,14 +307,17 @@ class Stitches(NamedTuple):
     stitch: np.ndarray  # int id, for per-stitch colour variation
 
 
-def _cells(shape: tuple[int, int], direction: str, period: float, length: float = 1.0) -> Cells:
-    """Row coordinates on the image grid (pixel centres); a stitch is ``length`` periods long."""
+def _cells(shape: tuple[int, int], direction: str, period: float) -> Cells:
+    """Cell coordinates on the image grid (pixel centres). "vertical" is "horizontal" turned by
+    90 degrees: a pattern P(along, across) drawn at (x, y) becomes P(y, 1 - x), so every kind
+    shows its direction (a transpose would leave a knot's or a cross's cell unchanged)."""
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64) + 0.5
-    u, v = (xx, yy) if direction == "horizontal" else (yy, xx)
-    row = np.floor(v / period)
-    s = (u / period + (row % 2) * length / 2) / length
-    col = np.floor(s)
-    return Cells(v / period - row, s - col, row.astype(np.int64), col.astype(np.int64), period)
+    fy, fx = yy / period, xx / period
+    if direction == "horizontal":
+        along, across, row, col = fx - np.floor(fx), fy - np.floor(fy), np.floor(fy), np.floor(fx)
+    else:
+        along, across, row, col = fy - np.floor(fy), 1 - (fx - np.floor(fx)), np.floor(fx), np.floor(fy)
+    return Cells(across, along, row.astype(np.int64), col.astype(np.int64), period)
 
 
 def _satin(c: Cells) -> Stitches:
@@ -314,20 +326,23 @@ def _satin(c: Cells) -> Stitches:
 
 
 def _tatami(c: Cells) -> Stitches:
-    """Rows of short stitches two periods long, each row shifted by half a stitch, dark needle holes."""
-    to_end = np.minimum(c.along, 1 - c.along) * 2 * c.period  # px to the nearest needle hole
-    hole = 1 - 0.55 * np.exp(-(to_end / (0.2 * c.period + 0.5)) ** 2)
+    """Short stitches, one per cell: strands broken by a dark needle hole where a stitch starts,
+    in the middle of the strand (an eighth of the cell in, so that even a 4 px cell shows it on
+    one pixel column)."""
+    to_hole = (c.along - 0.125) / 0.1  # in tenths of a cell
+    hole = 1 - 0.65 * np.exp(-to_hole ** 2 - ((c.across - 0.5) / 0.3) ** 2)
     return Stitches(_strand_profile(c.across) * hole, _strand_sheen(c.across, 0.15) * hole,
                     c.row * 100003 + c.col)
 
 
 def _knot(c: Cells) -> Stitches:
-    """A dome per cell, lit like a sphere with a specular spot; thread shadow between domes."""
+    """A dome per cell, lit from the row's start (the side of its specular spot); thread shadow
+    between domes."""
     dy, dx = c.across - 0.5, c.along - 0.5
     r2 = (dy ** 2 + dx ** 2) / 0.46 ** 2
     z = np.sqrt(np.clip(1 - r2, 0, 1))
-    shade = np.where(r2 < 1, 0.45 + 0.75 * z, GAP_SHADE)
-    gloss = np.where(r2 < 1, 0.35 * np.exp(-((dy + 0.15) ** 2 + (dx + 0.15) ** 2) / 0.12 ** 2), 0.0)
+    shade = np.where(r2 < 1, 0.5 + 0.6 * z - 0.5 * dx, GAP_SHADE)
+    gloss = np.where(r2 < 1, 0.35 * np.exp(-(dy ** 2 + (dx + 0.2) ** 2) / 0.12 ** 2), 0.0)
     return Stitches(shade, gloss, c.row * 100003 + c.col)
 
 
@@ -336,7 +351,7 @@ def _cross(c: Cells) -> Stitches:
     under, over = np.abs(c.along - c.across) / 0.3, np.abs(c.along + c.across - 1) / 0.3
     top, bottom = over < 1, under < 1
     f = 0.5 * (1 - np.where(top, over, under).clip(0, 1))  # 0 at a leg's edge, 0.5 in its middle
-    shade = np.where(top, _strand_profile(f), np.where(bottom, 0.85 * _strand_profile(f), GAP_SHADE))
+    shade = np.where(top, _strand_profile(f), np.where(bottom, 0.7 * _strand_profile(f), GAP_SHADE))
     gloss = np.where(top, _strand_sheen(f, 0.15), 0.0)
     return Stitches(shade, gloss, (c.row * 100003 + c.col) * 2 + top)
 
@@ -351,13 +366,19 @@ def _chain(c: Cells) -> Stitches:
                     c.row * 100003 + c.col)
 
 
-_RENDERERS: dict[str, tuple[Callable[[Cells], Stitches], float]] = {  # kind -> (renderer, stitch length)
-    "satin": (_satin, 1.0),
-    "tatami": (_tatami, 2.0),
-    "knot": (_knot, 1.0),
-    "cross": (_cross, 1.0),
-    "chain": (_chain, 1.0),
+_RENDERERS: dict[str, Callable[[Cells], Stitches]] = {
+    "satin": _satin,
+    "tatami": _tatami,
+    "knot": _knot,
+    "cross": _cross,
+    "chain": _chain,
 }
+
+
+def _lustre(shape: tuple[int, int], unit: float) -> np.ndarray:
+    """Metallic thread's broad diagonal bands of light, a brightness factor around 1."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64) + 0.5
+    return 1 + LUSTRE_AMPLITUDE * np.sin(2 * np.pi * (xx + yy) / (LUSTRE_PERIOD * unit))
 
 
 # --- compositing -----------------------------------------------------------------------------
@@ -391,18 +412,19 @@ def _fabric_rgb(design: Design, mask: np.ndarray, unit: float) -> np.ndarray:
 
 
 def render_embroidery(design: Design, technique: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stitch ``design`` in ``technique`` ("knot vertical fine"); returns (image (H, W, 3) float32
+    """Stitch ``design`` in ``technique`` ("knot vertical fine metallic"); returns (image (H, W, 3) float32
     0..1, stitched mask). Every kind covers its regions, so the mask is the design's motif area.
 
     Stitch sizes are defined at 64 px and scale with the image side, so a 128 px render shows
     the same embroidery at twice the resolution. The seed draws only the per-stitch and fibre
     variation: the stitch layout is the fabric grid's.
     """
-    kind, direction, spacing = attributes(technique)
+    kind, direction, spacing, sheen = attributes(technique)
     rng = np.random.default_rng(seed)
     unit = min(design.labels.shape) / BASE_SIDE
-    renderer, length = _RENDERERS[kind]
-    st = renderer(_cells(design.labels.shape, direction, SPACINGS[spacing] * unit, length))
+    st = _RENDERERS[kind](_cells(design.labels.shape, direction, SPACINGS[spacing] * unit))
+    if sheen == "metallic":
+        st = st._replace(shade=st.shade * _lustre(design.labels.shape, unit))
     mask = design.labels > 0
     thread = _thread_rgb(design, st, mask, int(rng.integers(2 ** 31)))
     image = np.where(mask[..., None], thread, _fabric_rgb(design, mask, unit))

@@ -1,13 +1,12 @@
 """The toy world's base model: a pixel-space TinyUNet and a tiny text encoder over VOCAB.
 
-No VAE: the toy "latent" of a 64 x 64 RGB image is the image itself, scaled to [-1, 1] and
-folded 4 x 4 into channels (``pixel_unshuffle``), i.e. a [48, 16, 16] tensor. The fold is an
-exact, parameter-free rearrangement of the pixels that plays the part of SD's 1/8-scale VAE: a
-fine stitch (4 px, generator.SPACINGS) is one latent position's code in the channels, a coarse
-one spans 2 x 2 positions, as a stitch of a few pixels is a per-position code in SD's latent.
-(The first toy base folded 2 x 2: a stitch then spread over several positions and the small
-UNet never learned to paint most techniques, docs/FIDELITY.md.) ``to_latent`` / ``from_latent``
-play the VAE's encode / decode.
+The "VAE" is :mod:`toyworld.vae`: a fixed linear code of 4 x 4 pixel patches (PCA, fitted once,
+shipped in weights/toy_vae.safetensors), so a 64 x 64 RGB image is a [16, 16, 16] latent. As in
+SD's 1/8-scale latent, a fine stitch (4 px, generator.SPACINGS) is one latent position's code in
+the channels and a coarse one spans 2 x 2 positions. (The first toy base folded 2 x 2 pixels
+into channels: a stitch then spread over several positions and the small UNet never learned to
+paint most techniques; the second folded 4 x 4 without a code and its leftover noise decoded to
+speckle, docs/FIDELITY.md.) ``to_latent`` / ``from_latent`` play the VAE's encode / decode.
 
 The UNet is :class:`~embroidery_core.tiny_unet.TinyUNet` with SD's module names, so EmoLoRA's
 adapters, prompt router and block presets apply to it unchanged (``TOY_UNET.arch()`` gives
@@ -25,22 +24,21 @@ from dataclasses import asdict
 import safetensors
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from embroidery_core.diffusion import PREDICTIONS, Cond, TorchDenoiser
 from embroidery_core.files import atomic_path
 from embroidery_core.tiny_unet import TinyUNet, TinyUNetConfig
 from .generator import PROMPT_LENGTH, VOCAB, tokenize
+from .vae import LATENT_CHANNELS, VAE_WEIGHTS, file_digest, shipped_vae
 
 IMAGE_SIZE = 64  # toy images are 64 x 64 RGB
-PATCH = 4  # pixels folded into channels per side
 TEXT_DIM = 32
 # Attention at every level (16, 8 and 4 tokens a side: 4, 8 and 16 px per token), so the layers
 # a LoRA adapts are the ones that draw a stitch (4 or 8 px), not only coarser ones. 64 channels:
-# wider than the 48-channel latent, or the first level cannot even carry a position's pixels
-# (a 32-channel first try left the samples full of noise after 1000 steps).
-TOY_UNET = TinyUNetConfig(in_channels=3 * PATCH * PATCH, model_channels=64, channel_mult=(1, 1, 1),
+# wider than the latent (a 32-channel first try on the second world's 48-channel fold left the
+# samples full of noise after 1000 steps).
+TOY_UNET = TinyUNetConfig(in_channels=LATENT_CHANNELS, model_channels=64, channel_mult=(1, 1, 1),
                           down_attention=(1, 1, 1), up_attention=(1, 1, 1), context_dim=TEXT_DIM, heads=4)
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "toy_base.safetensors")
 UNET_PREFIX, TEXT_PREFIX = "unet.", "text_encoder."
@@ -52,15 +50,13 @@ UNCOND = ""  # the empty prompt: all padding, classifier-free guidance's uncondi
 # --- latents ---------------------------------------------------------------------------------
 
 def to_latent(images: torch.Tensor) -> torch.Tensor:
-    """IMAGE [B, H, W, 3] in 0..1 -> toy latent [B, 12, H/2, W/2] in -1..1 (exact, invertible)."""
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % PATCH or images.shape[2] % PATCH:
-        raise ValueError(f"expected an IMAGE [B, H, W, 3] with even sides, got {tuple(images.shape)}")
-    return F.pixel_unshuffle(images.float().movedim(-1, 1) * 2 - 1, PATCH)
+    """IMAGE [B, H, W, 3] in 0..1 -> toy latent [B, 16, H/4, W/4] (the shipped VAE's code)."""
+    return shipped_vae().encode(images)
 
 
 def from_latent(latent: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_latent`: [B, 12, h, w] -> IMAGE [B, 2h, 2w, 3] clamped to 0..1."""
-    return ((F.pixel_shuffle(latent.float(), PATCH) + 1) / 2).clamp(0, 1).movedim(1, -1)
+    """Toy latent [B, 16, h, w] -> IMAGE [B, 4h, 4w, 3] clamped to 0..1 (the shipped VAE's decode)."""
+    return shipped_vae().decode(latent)
 
 
 # --- text ------------------------------------------------------------------------------------
@@ -113,7 +109,8 @@ def toy_state_dict(unet: TinyUNet, encoder: ToyTextEncoder) -> dict[str, torch.T
 
 def save_toy_model(path: str, unet: TinyUNet, encoder: ToyTextEncoder, metadata: dict[str, str]) -> str:
     """Both networks in one safetensors file; the UNet config travels as JSON in the metadata."""
-    meta = {"format": FORMAT, "config": json.dumps(asdict(unet.cfg)), **{k: str(v) for k, v in metadata.items()}}
+    meta = {"format": FORMAT, "config": json.dumps(asdict(unet.cfg)), "vae_sha256": file_digest(VAE_WEIGHTS),
+            **{k: str(v) for k, v in metadata.items()}}
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(toy_state_dict(unet, encoder), tmp, metadata=meta)
     return path
@@ -133,6 +130,9 @@ def load_toy_model(path: str | None = None, device: str | torch.device = "cpu") 
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a toy base model (format {meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("vae_sha256") != file_digest(VAE_WEIGHTS):
+        raise ValueError(f"{path} was trained on another toy VAE than {VAE_WEIGHTS} (its latents would decode "
+                         "to noise); rebuild the VAE with the command in toyworld/vae.py or retrain the base")
     unet, encoder = build_toy_model(config_from_json(meta["config"]))
     state = safetensors.torch.load_file(path)
     unet.load_state_dict({k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)})

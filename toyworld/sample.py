@@ -22,7 +22,8 @@ from embroidery_core.diffstyler import Branch, Schedule, SourceInjection, ddim_s
 from embroidery_core.diffusion import Cond, denoised
 from embroidery_core.guidance import combine_guidance
 from embroidery_core.lora_file import StyleLoRA
-from .model import IMAGE_SIZE, PATCH, UNCOND, from_latent, to_latent, toy_denoiser
+from .model import IMAGE_SIZE, UNCOND, from_latent, to_latent, toy_denoiser
+from .vae import PATCH
 
 DEFAULT_STEPS = 20
 DEFAULT_CFG = 3.0

@@ -3,9 +3,9 @@
     python -m toyworld.train_base --out toy_base.safetensors [--steps N] [--threads T] [--minutes M]
     python -m toyworld.train_base --out round2.safetensors --init toy_base.safetensors --seed 1 ...
 
-What it sees: flat designs prompted "a red circle blue star" and their embroideries in the twelve
-training techniques prompted "a red circle blue star in knot horizontal fine style" (a
-technique's three attribute words are its style words). The held-out combinations (HELD_OUT),
+What it sees: flat designs prompted "a red circle blue star" and their embroideries in the 28
+training techniques prompted "a red circle blue star in knot horizontal fine matte style" (a
+technique's four attribute words are its style words). The held-out combinations (HELD_OUT),
 the new kind (NEW_KIND_TECHNIQUES) and the trigger word are never seen: the first must come from
 words the model knows, the others a one-shot LoRA has to add. SD's discrete schedule with
 timesteps drawn towards the noisy end (``timestep_exponent``), the empty prompt for 10 % of
@@ -46,10 +46,10 @@ import torch
 from embroidery_core.diffusion import TorchDenoiser, add_noise, diffusion_loss, target
 from embroidery_core.files import atomic_path
 from embroidery_core.tiny_unet import TinyUNetConfig
-from .generator import TRAIN_TECHNIQUES, make_design, render_embroidery
+from .generator import ATTRIBUTES, TRAIN_TECHNIQUES, make_design, render_embroidery
 from .model import IMAGE_SIZE, TOY_UNET, UNCOND, build_toy_model, load_toy_model, read_metadata, save_toy_model, to_latent
 
-SCRIPT_VERSION = "2"
+SCRIPT_VERSION = "3"
 TRAIN_DESIGN_SEEDS = 1_000_000  # designs 0..999999 train the base; evaluations draw above
 log = logging.getLogger("toyworld.train_base")
 
@@ -72,12 +72,11 @@ class BaseTrainConfig:
     # t = T * u ** exponent, u uniform: below 1 more examples at high noise, where the layout of
     # the stitches over a region is decided (0.75: 60 % of examples above t = 500, not 50 %).
     timestep_exponent: float = 0.75
-    # Share of embroideries whose prompt names only some of the technique's three attribute words
+    # Share of embroideries whose prompt names only some of the technique's four attribute words
     # ("in knot style", "in vertical fine style"; the image is still one full training technique):
     # each word then has to carry its own attribute, the usual lever for composing unseen
-    # combinations (docs/FIDELITY.md, round 3). 0 draws no extra random numbers: rounds 1 and 2
-    # rebuild unchanged.
-    partial_fraction: float = 0.0
+    # combinations (docs/FIDELITY.md, the first world's round 3).
+    partial_fraction: float = 0.3
     threads: int = 2
     prediction: str = "v"  # see the module docstring
     init: str = ""  # digest of the base model this run continues from ("" = from scratch), see init_digest
@@ -94,11 +93,15 @@ def wider(model_channels: int) -> TinyUNetConfig:
 
 # --- data ------------------------------------------------------------------------------------
 
+PARTIAL_MASKS = 2 ** len(ATTRIBUTES) - 2  # the non-empty proper subsets of a technique's words
+
+
 def partial_words(technique: str, mask: int) -> str:
-    """The attribute words of ``technique`` whose bit is set in ``mask`` (1..6: a non-empty proper
-    subset of the three), in order: ("knot vertical fine", 0b101) -> "knot fine"."""
-    if not 1 <= mask <= 6:
-        raise ValueError(f"mask must name a non-empty proper subset of three words (1..6), got {mask}")
+    """The attribute words of ``technique`` whose bit is set in ``mask`` (1..14: a non-empty proper
+    subset of the four), in order: ("knot vertical fine metallic", 0b0101) -> "knot fine"."""
+    if not 1 <= mask <= PARTIAL_MASKS:
+        raise ValueError(f"mask must name a non-empty proper subset of {len(ATTRIBUTES)} words "
+                         f"(1..{PARTIAL_MASKS}), got {mask}")
     return " ".join(w for i, w in enumerate(technique.split()) if mask >> i & 1)
 
 
@@ -115,7 +118,7 @@ def training_example(rng: np.random.Generator, design_fraction: float,
     image, _ = render_embroidery(design, technique, int(rng.integers(2 ** 31)))
     words = technique
     if partial_fraction and rng.random() < partial_fraction:
-        words = partial_words(technique, int(rng.integers(1, 7)))
+        words = partial_words(technique, int(rng.integers(1, PARTIAL_MASKS + 1)))
     return image, f"{prompt} in {words} style"
 
 

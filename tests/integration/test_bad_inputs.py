@@ -171,7 +171,7 @@ def test_two_styles_with_the_default_trigger_keep_their_own_checkpoints(pack, sd
     foreign.write_text("not ours")
 
     stage1(pack, model, clip, vae, pair, iterations=1, checkpoint_every=1)
-    rose = _pair(pack, "chain horizontal fine", subject="red rose")
+    rose = _pair(pack, "chain horizontal fine matte", subject="red rose")
     stage1(pack, model, clip, vae, rose, iterations=1, checkpoint_every=1)
     saved = [n for n in _checkpoints(loras_dir) if n.endswith(".safetensors")]
     assert len(saved) == 2 and all(re.fullmatch(r"emb_stage1_[0-9a-f]{8}\.safetensors", n) for n in saved)
@@ -187,7 +187,7 @@ def test_two_styles_with_the_default_trigger_keep_their_own_checkpoints(pack, sd
     assert [n for n in _checkpoints(loras_dir) if n.endswith(".safetensors")] == saved
     assert load_lora(folder / flower).metadata["embroidery.step"] == "2"
 
-    odd = _pair(pack, "satin horizontal fine", trigger="<emb>")
+    odd = _pair(pack, "satin horizontal fine matte", trigger="<emb>")
     stage1(pack, model, clip, vae, odd, iterations=1, checkpoint_every=1)
     assert any(re.fullmatch(r"_emb__stage1_[0-9a-f]{8}\.safetensors", n) for n in _checkpoints(loras_dir))
 

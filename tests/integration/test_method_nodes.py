@@ -241,6 +241,6 @@ def test_a_user_s_mistakes_with_files_are_refused_and_runs_keep_their_own_checkp
     with pytest.raises(ValueError, match=rf"^{re.escape(NODE)}: xl.safetensors is a LoRA for SDXL"):
         train_lora(pack, model, clip, vae, pair, iterations=4, resume_from="xl.safetensors")
     train_lora(pack, model, clip, vae, pair, checkpoint_every=1)
-    train_lora(pack, model, clip, vae, _pair(pack, "knot vertical fine"), checkpoint_every=1)
+    train_lora(pack, model, clip, vae, _pair(pack, "knot vertical fine metallic"), checkpoint_every=1)
     names = sorted(n for n in os.listdir(loras_dir / "embroidery_checkpoints") if n.endswith(".safetensors"))
     assert len(names) == 2 and all(n.startswith("emb_lora1_") for n in names), names  # one per style

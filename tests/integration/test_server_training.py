@@ -26,7 +26,7 @@ def _write_reference(path):
 
     from toyworld.generator import make_design, render_embroidery
 
-    image, _ = render_embroidery(make_design(3, size=128), "satin horizontal fine", 3)
+    image, _ = render_embroidery(make_design(3, size=128), "satin horizontal fine matte", 3)
     Image.fromarray((np.clip(image, 0, 1) * 255).astype("uint8")).save(path)
 
 
