@@ -10,10 +10,10 @@ spread, so every latent channel has unit variance, as SD's scaled latents have. 
 transpose: code x spread onto the components, plus the mean patch, folded back into pixels.
 
 Why not the plain fold of the second world: there every latent channel is a pixel, so whatever
-the UNet leaves of the noise decodes to per-pixel speckle (the second world's base covered its
-outputs in it, and the classifier then read every technique as the one whose stitches look most
-like speckle, docs/FIDELITY.md). Under a PCA code the same leftover decodes to a mix of stitch-
-patch patterns, and the UNet has 16 numbers a position to paint instead of 48; the classifier
+the UNet leaves of the noise decodes to per-pixel speckle (this world's first base, trained on
+the fold, covered its outputs in it at 3000 and 4000 steps, and the classifier read nearly every
+prompt as one of two techniques, docs/FIDELITY.md). Under a PCA code the same leftover decodes to
+a mix of stitch-patch patterns, and the UNet has 16 numbers a position to paint instead of 48; the classifier
 still reads reconstructions of every class (the measurement is in FIDELITY.md). That is what
 SD's VAE does too: a stitch of a few pixels is a per-position code, and its decoder only draws
 images that look like images.
