@@ -212,9 +212,15 @@ def test_a_base_trained_on_another_vae_is_refused(tmp_path, monkeypatch):
     path = str(tmp_path / "base.safetensors")
     model.save_toy_model(path, *model.build_toy_model(), {"prediction": "v"})
     model.load_toy_model(path)
-    other = tmp_path / "vae.safetensors"
-    other.write_bytes(b"not the shipped vae")
-    monkeypatch.setattr(model, "VAE_WEIGHTS", str(other))
+    from toyworld.vae import ToyVAE, save_vae, shipped_vae
+
+    vae = shipped_vae()
+    other = str(tmp_path / "vae.safetensors")
+    save_vae(str(tmp_path / "same.safetensors"), vae, {"note": "other metadata, same code"})
+    monkeypatch.setattr(model, "VAE_WEIGHTS", str(tmp_path / "same.safetensors"))
+    model.load_toy_model(path)  # a rebuilt VAE with the same tensors is the same VAE
+    save_vae(other, ToyVAE(vae.mean + 0.01, vae.components, vae.spread), {})
+    monkeypatch.setattr(model, "VAE_WEIGHTS", other)
     with pytest.raises(ValueError, match="another toy VAE"):
         model.load_toy_model(path)
 

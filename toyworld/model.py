@@ -30,7 +30,7 @@ from embroidery_core.diffusion import PREDICTIONS, Cond, TorchDenoiser
 from embroidery_core.files import atomic_path
 from embroidery_core.tiny_unet import TinyUNet, TinyUNetConfig
 from .generator import PROMPT_LENGTH, VOCAB, tokenize
-from .vae import LATENT_CHANNELS, VAE_WEIGHTS, file_digest, shipped_vae
+from .vae import LATENT_CHANNELS, VAE_WEIGHTS, load_vae, shipped_vae, vae_digest
 
 IMAGE_SIZE = 64  # toy images are 64 x 64 RGB
 TEXT_DIM = 32
@@ -109,7 +109,7 @@ def toy_state_dict(unet: TinyUNet, encoder: ToyTextEncoder) -> dict[str, torch.T
 
 def save_toy_model(path: str, unet: TinyUNet, encoder: ToyTextEncoder, metadata: dict[str, str]) -> str:
     """Both networks in one safetensors file; the UNet config travels as JSON in the metadata."""
-    meta = {"format": FORMAT, "config": json.dumps(asdict(unet.cfg)), "vae_sha256": file_digest(VAE_WEIGHTS),
+    meta = {"format": FORMAT, "config": json.dumps(asdict(unet.cfg)), "vae_sha256": vae_digest(shipped_vae()),
             **{k: str(v) for k, v in metadata.items()}}
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(toy_state_dict(unet, encoder), tmp, metadata=meta)
@@ -130,7 +130,7 @@ def load_toy_model(path: str | None = None, device: str | torch.device = "cpu") 
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a toy base model (format {meta.get('format')!r}, expected {FORMAT!r})")
-    if meta.get("vae_sha256") != file_digest(VAE_WEIGHTS):
+    if meta.get("vae_sha256") != vae_digest(load_vae(VAE_WEIGHTS)):
         raise ValueError(f"{path} was trained on another toy VAE than {VAE_WEIGHTS} (its latents would decode "
                          "to noise); rebuild the VAE with the command in toyworld/vae.py or retrain the base")
     unet, encoder = build_toy_model(config_from_json(meta["config"]))

@@ -123,9 +123,13 @@ def load_vae(path: str | None = None) -> ToyVAE:
     return ToyVAE(state["mean"], state["components"], state["spread"])
 
 
-def file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+def vae_digest(vae: ToyVAE) -> str:
+    """sha256 of the code's tensors, not of the file: safetensors writes its metadata in another
+    order on every run, so a rebuilt VAE has other bytes but the same digest."""
+    digest = hashlib.sha256()
+    for tensor in (vae.mean, vae.components, vae.spread):
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 _SHIPPED: ToyVAE | None = None
