@@ -5,8 +5,8 @@ shipped in weights/toy_vae.safetensors), so a 64 x 64 RGB image is a [16, 16, 16
 SD's 1/8-scale latent, a fine stitch (4 px, generator.SPACINGS) is one latent position's code in
 the channels and a coarse one spans 2 x 2 positions. (The first toy base folded 2 x 2 pixels
 into channels: a stitch then spread over several positions and the small UNet never learned to
-paint most techniques; the second folded 4 x 4 without a code and its leftover noise decoded to
-speckle, docs/FIDELITY.md.) ``to_latent`` / ``from_latent`` play the VAE's encode / decode.
+paint most techniques; a plain 4 x 4 fold, which the second world used, decodes whatever noise
+the UNet leaves to per-pixel speckle, docs/FIDELITY.md.) ``to_latent`` / ``from_latent`` play the VAE's encode / decode.
 
 The UNet is :class:`~embroidery_core.tiny_unet.TinyUNet` with SD's module names, so EmoLoRA's
 adapters, prompt router and block presets apply to it unchanged (``TOY_UNET.arch()`` gives

@@ -65,8 +65,7 @@ class ToyVAE:
         if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] % PATCH or images.shape[2] % PATCH:
             raise ValueError(f"expected an IMAGE [B, H, W, 3] with sides a multiple of {PATCH}, "
                              f"got {tuple(images.shape)}")
-        patches = F.pixel_unshuffle(images.float().movedim(-1, 1) * 2 - 1, PATCH)  # [B, 48, h, w]
-        centred = patches - self.mean.view(1, -1, 1, 1)
+        centred = _patches(images.float()) - self.mean.view(1, -1, 1, 1)
         return torch.einsum("bphw,pc->bchw", centred, self.components) / self.spread.view(1, -1, 1, 1)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
@@ -78,12 +77,16 @@ class ToyVAE:
         return ((F.pixel_shuffle(patches, PATCH) + 1) / 2).clamp(0, 1).movedim(1, -1)
 
 
+def _patches(images: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B, H, W, 3] in 0..1 -> its 4 x 4 patches in -1..1 as channels, [B, 48, H/4, W/4]."""
+    return F.pixel_unshuffle(images.movedim(-1, 1) * 2 - 1, PATCH)
+
+
 def fit_vae(images: torch.Tensor, channels: int = LATENT_CHANNELS) -> ToyVAE:
     """PCA of the 4 x 4 patches of ``images`` [N, H, W, 3] (0..1), float64, signs fixed."""
     if not 1 <= channels <= PATCH_VALUES:
         raise ValueError(f"channels must be in 1..{PATCH_VALUES}, got {channels}")
-    patches = F.pixel_unshuffle(images.double().movedim(-1, 1) * 2 - 1, PATCH)
-    patches = patches.movedim(1, -1).reshape(-1, PATCH_VALUES)
+    patches = _patches(images.double()).movedim(1, -1).reshape(-1, PATCH_VALUES)
     mean = patches.mean(0)
     centred = patches - mean
     covariance = centred.T @ centred / (len(centred) - 1)
