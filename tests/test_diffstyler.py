@@ -8,14 +8,7 @@ from embroidery_core.diffstyler import (blend_query_key, blend_ratio, ddim_sampl
 from embroidery_core.diffusion import DiscreteSchedule, target
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The toy and tiny UNets are too small to gain from a second thread, and on a busy machine
-    two OpenMP threads waiting for each other made this module's toy-base tests many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("t, r", [(0, 0.0), (100, 0.2), (250, 0.5), (499, 0.998), (500, 1.0), (999, 1.0)])
