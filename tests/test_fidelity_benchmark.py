@@ -142,3 +142,6 @@ def test_runs_in_several_processes_give_the_numbers_of_one_and_resume_from_the_r
     changed = benchmark.ToyRunConfig(**{**benchmark.demo.QUICK, "cfg": 2.0})
     with pytest.raises(AssertionError, match="ran"):  # other settings: not the same run
         benchmark.run(1, 1, 2, ("knot vertical fine metallic",), changed, jobs=1, runs_dir=str(tmp_path))
+    monkeypatch.setattr(benchmark, "code_digest", lambda: "another code")
+    with pytest.raises(AssertionError, match="ran"):  # other code: not the same run either
+        benchmark.run(*args, jobs=1, runs_dir=str(tmp_path))

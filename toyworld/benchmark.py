@@ -5,7 +5,7 @@
 
 With ``--runs-dir`` every finished (technique, reference, seed) run is kept there as JSON, and the
 same command run again reads those back instead of running them (only when the task, the run
-settings and the digests of both model files match): a benchmark longer than a session is
+settings and the digests of both model files and of the code match): a benchmark longer than a session is
 finished in several.
 
 First the base-model gate (``gate``): no LoRA, every training technique and every held-out
@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -179,17 +180,30 @@ def run_one(unet, encoder, classifier, technique: str, reference_seed: int, seed
 _WORKER: dict = {}
 
 
+def code_digest() -> str:
+    """First 16 hex digits of the SHA-256 over the Python sources of the core and the toy world
+    (names and bytes, in name order): a run made by other code is another run."""
+    digest = hashlib.sha256()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for package in ("embroidery_core", "toyworld"):
+        for name in sorted(n for n in os.listdir(os.path.join(root, package)) if n.endswith(".py")):
+            digest.update(f"{package}/{name}\0".encode())
+            with open(os.path.join(root, package, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def run_identity(technique: str, k: int, seed: int, designs: int, config: ToyRunConfig,
                  weights: str | None, classifier_weights: str | None) -> dict:
-    """What a run's numbers depend on: its task, the run config and the digests of the two model
-    files. A stored run is reused only when all of it matches."""
+    """What a run's numbers depend on: its task, the run config, the digests of the two model
+    files and of the code. A stored run is reused only when all of it matches."""
     from .classifier import WEIGHTS as CLASSIFIER_WEIGHTS
     from .model import WEIGHTS as BASE_WEIGHTS
     from .train_base import init_digest
 
     return {"technique": technique, "reference": k, "seed": seed, "designs": designs,
             "config": dataclasses.asdict(config), "base": init_digest(weights or BASE_WEIGHTS),
-            "classifier": init_digest(classifier_weights or CLASSIFIER_WEIGHTS)}
+            "classifier": init_digest(classifier_weights or CLASSIFIER_WEIGHTS), "code": code_digest()}
 
 
 def _stored_path(runs_dir: str, identity: dict) -> str:
@@ -450,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                              "thread each (2 on a 2-core machine: the same numbers, about half the time)")
     parser.add_argument("--runs-dir", default=None,
                         help="keep every finished run here and reuse the ones an earlier, interrupted "
-                             "invocation left (same task, settings and model files): resumable")
+                             "invocation left (same task, settings, model files and code): resumable")
     parser.add_argument("--weights", default=None, help="another toy base model file (default: the shipped one)")
     parser.add_argument("--classifier", default=None, help="another technique classifier file")
     parser.add_argument("--quick", action="store_true", help="the demo's smoke-run iterations (checks the script only)")
