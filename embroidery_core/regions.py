@@ -279,14 +279,22 @@ def region_masks(labels: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- where the features come from
 
 
-def feature_block(arch) -> str:
+def feature_block(arch, level: int | None = None) -> str:
     """The module whose output StyleGallery clusters: the output of SD1.5's up_blocks.2, i.e. its
     upsampler (output_blocks.8.2: 640 channels at the latent's full size). The same rule, the
     upsampler ending the second-to-last decoder level, gives SDXL's output_blocks.5.2 (the end of
     up_blocks.1, 640 channels at full size; our extension). The upsampler rather than the whole
-    block, because ComfyUI's UNet runs a block's layers one by one, never the block's forward."""
-    level = arch.levels - 2
-    return f"output_blocks.{(level + 1) * (NUM_RES_BLOCKS + 1) - 1}.{_upsampler_part(level, arch)}"
+    block, because ComfyUI's UNet runs a block's layers one by one, never the block's forward.
+
+    ``level`` (decoder levels counted from the middle block, 0-based) picks the end of another
+    level; the default is the official ``arch.levels - 2``. The last level has no upsampler: its
+    end is its last block's last layer (the attention block where it has one)."""
+    level = arch.levels - 2 if level is None else level
+    if not 0 <= level < arch.levels:
+        raise ValueError(f"decoder level {level} does not exist; this UNet has levels 0..{arch.levels - 1}")
+    last = level == arch.levels - 1
+    part = (1 if arch.up_attention[level] else 0) if last else _upsampler_part(level, arch)
+    return f"output_blocks.{(level + 1) * (NUM_RES_BLOCKS + 1) - 1}.{part}"
 
 
 def invert_for_regions(model, prediction: str, source: torch.Tensor, schedule: torch.Tensor, steps: int = 15):

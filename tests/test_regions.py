@@ -114,3 +114,14 @@ def test_feature_block_is_the_end_of_up_blocks_2_on_sd15():
 
     assert regions.feature_block(SD15) == "output_blocks.8.2"  # up_blocks.2's upsampler
     assert regions.feature_block(SDXL) == "output_blocks.5.2"
+
+
+def test_feature_block_of_another_level_ends_that_level():
+    from embroidery_core.blocks import SD15, SDXL
+
+    assert regions.feature_block(SD15, 2) == regions.feature_block(SD15)
+    assert regions.feature_block(SD15, 1) == "output_blocks.5.2"  # up_blocks.1's upsampler
+    assert regions.feature_block(SD15, 3) == "output_blocks.11.1"  # the last level: its last attention block
+    assert regions.feature_block(SDXL, 2) == "output_blocks.8.0"  # SDXL's last level has no attention
+    with pytest.raises(ValueError, match="levels 0..3"):
+        regions.feature_block(SD15, 4)

@@ -4,6 +4,14 @@ so the semantic term is the decoder features' mean, the nodes' fallback without 
 
     labels = regions(unet, encoder, image)
     out = stylegallery(unet, encoder, content_image, [style_image])
+
+One toy-scale choice, like the LoRA's rank and rate: the region features come from the end of
+the toy UNet's last decoder level (REGION_LEVEL), not the official second-to-last. SD1.5's
+official map is computed 32 tokens across the image (up_blocks.2, then upsampled); the toy's
+levels are 16, 8 and 4 tokens across, so its second-to-last is 8 across, too coarse for a
+design's bands and rings (measured in docs/FIDELITY.md: best IoU per colour 0.32-0.81 there,
+0.82-0.95 at the last level), and its last level (16 across) is the nearest to SD1.5's 32. The
+ComfyUI nodes keep the official level on SD1.5 and SDXL.
 """
 from __future__ import annotations
 
@@ -15,15 +23,18 @@ from embroidery_core.stylegallery import (AttentionRecorder, StylizeConfig, atte
                                           standardise_channels, stylize)
 from .model import UNCOND, from_latent, to_latent, toy_denoiser
 
+REGION_LEVEL = -1  # the decoder's last level (see the module docstring)
+
 
 @torch.no_grad()
 def analyse(unet, encoder, image: torch.Tensor, config: RegionConfig = RegionConfig()):
     """(labels [h, w], mixed decoder features [C, h, w], inverted latent [1, C, h, w]) of an IMAGE
-    [1, H, W, 3]: the official 15-step inversion with the empty prompt, the feature block's
-    output at every step mixed by the time weights, then the region finder."""
+    [1, H, W, 3]: the official 15-step inversion with the empty prompt, the output of the
+    REGION_LEVEL's end at every step mixed by the time weights, then the region finder."""
     denoiser = toy_denoiser(unet)
     empty = encoder.encode(UNCOND)
-    recorder = BlockRecorder(feature_block(unet.cfg.arch()))
+    arch = unet.cfg.arch()
+    recorder = BlockRecorder(feature_block(arch, REGION_LEVEL % arch.levels))
     with installed(unet, recorder):
         found = analyse_image(lambda x, s: denoiser(x, s, empty), denoiser.prediction, to_latent(image),
                               denoiser.sigmas, recorder, config=config)
