@@ -108,6 +108,28 @@ def test_minutes_cap_writes_the_checkpoint_and_the_same_command_continues(tmp_pa
     assert read_metadata(out)["steps"] == "2" and not os.path.exists(train_base.checkpoint_path(out))
 
 
+def test_device_cpu_writes_the_same_bytes_and_an_absent_or_unknown_device_is_refused(tmp_path, capsys):
+    """--device is for the GPU machine: on the CPU it changes nothing (the same tensors and
+    metadata, so the shipped file still rebuilds as before), a GPU this machine lacks or an
+    unknown name stops before any work."""
+    small = ["--steps", "2", "--batch", "2", "--threads", "1"]
+    plain, explicit = str(tmp_path / "plain.safetensors"), str(tmp_path / "cpu.safetensors")
+    assert train_base.main(["--out", plain] + small) == 0
+    assert train_base.main(["--out", explicit, "--device", "cpu"] + small) == 0
+    one, other = toy_state_dict(*load_toy_model(plain)), toy_state_dict(*load_toy_model(explicit))
+    assert all(torch.equal(one[k], other[k]) for k in one)
+    wall_clock = lambda meta: {k: v for k, v in meta.items() if k != "train_minutes"}  # noqa: E731
+    assert wall_clock(read_metadata(plain)) == wall_clock(read_metadata(explicit))  # no device entry
+    with pytest.raises(SystemExit):
+        train_base.main(["--out", str(tmp_path / "x.safetensors"), "--device", "gpu0"] + small)
+    assert "--device 'gpu0'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            train_base.main(["--out", str(tmp_path / "x.safetensors"), "--device", "cuda"] + small)
+        assert "no CUDA GPU" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x.safetensors")
+
+
 def test_a_round_continues_from_a_saved_base_and_records_the_chain(tmp_path):
     first, second = str(tmp_path / "round1.safetensors"), str(tmp_path / "round2.safetensors")
     small = ["--steps", "2", "--batch", "2", "--threads", "1"]

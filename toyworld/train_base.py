@@ -2,6 +2,7 @@
 
     python -m toyworld.train_base --out toy_base.safetensors [--steps N] [--threads T] [--minutes M]
     python -m toyworld.train_base --out round2.safetensors --init toy_base.safetensors --seed 1 ...
+    python -m toyworld.train_base --out gpu.safetensors --device cuda --batch 128 ...   # the GPU machine
 
 What it sees: flat designs prompted "a red circle blue star" and their embroideries in the 28
 training techniques prompted "a red circle blue star in knot horizontal fine matte style" (a
@@ -172,8 +173,8 @@ def _save_checkpoint(path: str, step: int, parts: dict, rng: np.random.Generator
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path: str, config: BaseTrainConfig, unet_config: TinyUNetConfig) -> dict:
-    state = torch.load(path, weights_only=False)
+def _load_checkpoint(path: str, config: BaseTrainConfig, unet_config: TinyUNetConfig, device: str = "cpu") -> dict:
+    state = torch.load(path, weights_only=False, map_location=device)
     if state["config"] != asdict(config) or state["unet_config"] != asdict(unet_config):
         raise ValueError(f"{path} is a checkpoint of another training (config {state['config']}, "
                          f"architecture {state['unet_config']}); pass the same options or delete it")
@@ -191,7 +192,7 @@ def init_digest(path: str) -> str:
 
 def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int = 100, on_log=None,
           unet_config: TinyUNetConfig = TOY_UNET, checkpoint: str | None = None, checkpoint_every: int = 0,
-          init_from: str | None = None):
+          init_from: str | None = None, device: str = "cpu"):
     """Returns the EMA (unet, encoder), the steps done, the mean loss per ``log_every`` steps and
     the minutes trained over all invocations.
 
@@ -200,7 +201,12 @@ def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int 
     ``checkpoint``, training starts from that file if it exists and writes it every
     ``checkpoint_every`` steps and when the ``minutes`` cap stops the run. ``init_from``
     continues from the weights of a saved base model (``config.init`` must be its digest): a
-    longer training in rounds that each fit a session, every round one command."""
+    longer training in rounds that each fit a session, every round one command.
+
+    ``device`` ("cuda" on the GPU machine) is where the networks and the arithmetic go; data,
+    noise and timesteps are still drawn on the CPU from the same seeds, so a run sees the same
+    examples on any device (its floating-point result differs from a CPU run's). The returned
+    networks are on the CPU."""
     torch.manual_seed(config.seed)
     unet, encoder = build_toy_model(unet_config)
     if init_from is not None:
@@ -211,6 +217,8 @@ def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int 
             raise ValueError(f"{init_from} has another architecture ({start_unet.cfg}) than {unet_config}")
         unet.load_state_dict(start_unet.state_dict())
         encoder.load_state_dict(start_encoder.state_dict())  # loading keeps the fresh modules trainable
+    unet.to(device)
+    encoder.to(device)
     ema = copy.deepcopy(torch.nn.ModuleList([unet, encoder])).requires_grad_(False)
     params = list(unet.parameters()) + list(encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -220,7 +228,7 @@ def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int 
     step, history, before = 0, [], 0.0
     running = []  # the losses since the last log line: checkpointed too, so a resumed run logs as an unbroken one
     if checkpoint and os.path.isfile(checkpoint):
-        state = _load_checkpoint(checkpoint, config, unet_config)
+        state = _load_checkpoint(checkpoint, config, unet_config, device)
         for name, part in parts.items():
             part.load_state_dict(state[name])
         rng.bit_generator.state = state["rng"]
@@ -242,8 +250,9 @@ def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int 
             break
         x0, prompts = make_batch(rng, config)
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        noise = torch.randn(x0.shape, generator=g)
-        sigma = sample_sigma(denoiser, x0.shape[0], g, config.timestep_exponent)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        sigma = sample_sigma(denoiser, x0.shape[0], g, config.timestep_exponent).to(device)
+        x0 = x0.to(device)
         out = denoiser(add_noise(config.prediction, x0, noise, sigma), sigma, encoder.encode(prompts))
         loss = diffusion_loss(out, target(config.prediction, x0, noise, sigma))
         for group in optimizer.param_groups:
@@ -264,7 +273,7 @@ def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int 
                 on_log(step, ema[0], ema[1], history)
         if checkpoint and checkpoint_every and step % checkpoint_every == 0 and step < config.steps:
             _save_checkpoint(checkpoint, step, parts, rng, history, config, unet_config, trained_minutes(), running)
-    ema_unet, ema_encoder = ema
+    ema_unet, ema_encoder = ema.cpu()
     return ema_unet.eval(), ema_encoder.eval(), step, history, trained_minutes()
 
 
@@ -285,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partial-fraction", type=float, default=defaults.partial_fraction,
                         help="share of embroidery prompts that name only some attribute words (0..1)")
     parser.add_argument("--prediction", default=defaults.prediction, choices=("eps", "v"))
+    parser.add_argument("--device", default="cpu",
+                        help="where to train: cpu, or cuda on a GPU machine (the same examples; the numbers "
+                             "differ from a CPU run's, and the file records the device)")
     parser.add_argument("--checkpoint-every", type=int, default=250,
                         help="write the resumable state to <out>.resume every N steps (0 = only at the cap)")
     parser.add_argument("--snapshot-every", type=int, default=0,
@@ -297,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--model-channels must be a positive multiple of {HEAD_CHANNELS}, got {args.model_channels}")
     if not 0 <= args.partial_fraction <= 1:
         parser.error(f"--partial-fraction must be in 0..1, got {args.partial_fraction}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device {args.device!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu")
     unet_config = wider(args.model_channels)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     if args.init and not os.path.isfile(args.init):
@@ -316,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                 "script_version": SCRIPT_VERSION, "train_config": json.dumps(asdict(config), sort_keys=True),
                 "torch": torch.__version__, "threads": config.threads, "train_minutes": f"{minutes:.1f}",
                 "final_loss": f"{history[-1]:.5f}" if history else "nan"}
+        if args.device != "cpu":  # a CPU file keeps the metadata it always had, so it rebuilds byte-identically
+            meta["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
         if args.init:  # the chain of rounds: this one's start, and the steps and minutes of all so far
             meta.update(init=f"{os.path.basename(args.init)} ({config.init})",
                         total_steps=int(before.get("total_steps", before.get("steps", 0))) + step,
@@ -329,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         unet, encoder, done, history, minutes = train(config, args.minutes, on_log=snapshot, unet_config=unet_config,
                                                       checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
-                                                      init_from=args.init)
+                                                      init_from=args.init, device=args.device)
     except ValueError as e:
         parser.error(str(e))
     if done < config.steps:
