@@ -130,6 +130,29 @@ def test_device_cpu_writes_the_same_bytes_and_an_absent_or_unknown_device_is_ref
     assert not os.path.exists(tmp_path / "x.safetensors")
 
 
+def test_per_step_batches_are_the_same_for_any_number_of_workers_and_a_resume_keeps_the_stream(tmp_path):
+    """--workers: each step's batch comes from its own seed, so one worker process and two give
+    the same weights; a checkpoint of one stream is not continued with the other."""
+    config = train_base.BaseTrainConfig(steps=3, batch=2, warmup=1, threads=1)
+    first, second = (toy_state_dict(*train_base.train(config, log_every=1, workers=w)[:2]) for w in (1, 2))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    batch, prompts = train_base.step_batch(config, 1)
+    again, same_prompts = train_base.step_batch(config, 1)
+    assert torch.equal(batch, again) and prompts == same_prompts
+    assert not torch.equal(batch, train_base.step_batch(config, 2)[0])
+    sequential = toy_state_dict(*train_base.train(config, log_every=1)[:2])
+    assert any(not torch.equal(first[k], sequential[k]) for k in first)  # another stream, other weights
+    checkpoint = str(tmp_path / "base.resume")
+    train_base.train(config, checkpoint=checkpoint, checkpoint_every=2, minutes=None, workers=1)
+    assert os.path.exists(checkpoint)
+    with pytest.raises(ValueError, match="same --workers"):
+        train_base.train(config, checkpoint=checkpoint)
+    resumed = toy_state_dict(*train_base.train(config, log_every=1, checkpoint=checkpoint, workers=2)[:2])
+    assert all(torch.equal(first[k], resumed[k]) for k in first)
+    with pytest.raises(ValueError, match="workers"):
+        train_base.Batches(config, -1)
+
+
 def test_a_round_continues_from_a_saved_base_and_records_the_chain(tmp_path):
     first, second = str(tmp_path / "round1.safetensors"), str(tmp_path / "round2.safetensors")
     small = ["--steps", "2", "--batch", "2", "--threads", "1"]

@@ -2,7 +2,7 @@
 
     python -m toyworld.train_base --out toy_base.safetensors [--steps N] [--threads T] [--minutes M]
     python -m toyworld.train_base --out round2.safetensors --init toy_base.safetensors --seed 1 ...
-    python -m toyworld.train_base --out gpu.safetensors --device cuda --batch 128 ...   # the GPU machine
+    python -m toyworld.train_base --out gpu.safetensors --device cuda --workers 12 --batch 128 ...  # GPU machine
 
 What it sees: flat designs prompted "a red circle blue star" and their embroideries in the 28
 training techniques prompted "a red circle blue star in knot horizontal fine matte style" (a
@@ -132,6 +132,51 @@ def make_batch(rng: np.random.Generator, config: BaseTrainConfig) -> tuple[torch
     return to_latent(torch.from_numpy(np.stack(images))), prompts
 
 
+def step_batch(config: BaseTrainConfig, step: int) -> tuple[torch.Tensor, list[str]]:
+    """The batch of ``step`` in the per-step data stream (``--workers``): drawn from its own seed
+    (config.seed, step), so any number of processes can make the batches ahead of the training."""
+    torch.set_num_threads(1)  # a worker process: one core each
+    return make_batch(np.random.default_rng([config.seed, step]), config)
+
+
+class Batches:
+    """Where a training's batches come from. ``workers`` 0: one generator drawn through the whole
+    run in this process (how the shipped base was made; its state is checkpointed). ``workers``
+    >= 1: the per-step stream (step_batch), made that many steps ahead by that many processes;
+    the same batches for any number of workers, not the same as 0's."""
+
+    def __init__(self, config: BaseTrainConfig, workers: int = 0):
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.config, self.workers = config, workers
+        self.rng = np.random.default_rng(config.seed)
+        self.pool, self.ahead = None, {}
+
+    @property
+    def stream(self) -> str:
+        return "per_step" if self.workers else "sequential"
+
+    def get(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        if not self.workers:
+            return make_batch(self.rng, self.config)
+        if self.pool is None:
+            import concurrent.futures
+            import multiprocessing
+
+            self.pool = concurrent.futures.ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn"))
+        for ahead in range(step, step + 2 * self.workers):
+            if ahead < self.config.steps and ahead not in self.ahead:
+                self.ahead[ahead] = self.pool.submit(step_batch, self.config, ahead)
+        return self.ahead.pop(step).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for future in self.ahead.values():
+                future.cancel()
+            self.pool.shutdown()
+            self.pool, self.ahead = None, {}
+
+
 # --- optimisation ----------------------------------------------------------------------------
 
 def learning_rate(step: int, config: BaseTrainConfig) -> float:
@@ -165,10 +210,11 @@ def checkpoint_path(out: str) -> str:
 
 
 def _save_checkpoint(path: str, step: int, parts: dict, rng: np.random.Generator, history: list,
-                     config: BaseTrainConfig, unet_config: TinyUNetConfig, minutes: float, running: list) -> None:
+                     config: BaseTrainConfig, unet_config: TinyUNetConfig, minutes: float, running: list,
+                     stream: str = "sequential") -> None:
     state = {name: part.state_dict() for name, part in parts.items()}
     state.update(step=step, rng=rng.bit_generator.state, history=list(history), minutes=minutes,
-                 config=asdict(config), unet_config=asdict(unet_config), running=list(running))
+                 config=asdict(config), unet_config=asdict(unet_config), running=list(running), stream=stream)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -192,7 +238,7 @@ def init_digest(path: str) -> str:
 
 def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int = 100, on_log=None,
           unet_config: TinyUNetConfig = TOY_UNET, checkpoint: str | None = None, checkpoint_every: int = 0,
-          init_from: str | None = None, device: str = "cpu"):
+          init_from: str | None = None, device: str = "cpu", workers: int = 0):
     """Returns the EMA (unet, encoder), the steps done, the mean loss per ``log_every`` steps and
     the minutes trained over all invocations.
 
@@ -206,7 +252,8 @@ def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int 
     ``device`` ("cuda" on the GPU machine) is where the networks and the arithmetic go; data,
     noise and timesteps are still drawn on the CPU from the same seeds, so a run sees the same
     examples on any device (its floating-point result differs from a CPU run's). The returned
-    networks are on the CPU."""
+    networks are on the CPU. ``workers`` (see Batches) makes the batches in other processes, so
+    a GPU is not kept waiting by one CPU core drawing them."""
     torch.manual_seed(config.seed)
     unet, encoder = build_toy_model(unet_config)
     if init_from is not None:
@@ -224,11 +271,15 @@ def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int 
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     parts = {"unet": unet, "encoder": encoder, "ema": ema, "optimizer": optimizer}
     denoiser = TorchDenoiser(unet, config.prediction)
-    rng = np.random.default_rng(config.seed)
+    batches = Batches(config, workers)
+    rng = batches.rng
     step, history, before = 0, [], 0.0
     running = []  # the losses since the last log line: checkpointed too, so a resumed run logs as an unbroken one
     if checkpoint and os.path.isfile(checkpoint):
         state = _load_checkpoint(checkpoint, config, unet_config, device)
+        if state.get("stream", "sequential") != batches.stream:
+            raise ValueError(f"{checkpoint} is a checkpoint of a run with the {state.get('stream', 'sequential')} data "
+                             f"stream; continue it with the same --workers setting (0, or >= 1)")
         for name, part in parts.items():
             part.load_state_dict(state[name])
         rng.bit_generator.state = state["rng"]
@@ -241,38 +292,43 @@ def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int 
     def trained_minutes():
         return before + (time.monotonic() - start) / 60
 
-    while step < config.steps:
-        if deadline is not None and time.monotonic() > deadline:
-            log.warning("stopping at step %d of %d: the %.1f-minute cap is reached", step, config.steps, minutes)
-            if checkpoint:
-                _save_checkpoint(checkpoint, step, parts, rng, history, config, unet_config, trained_minutes(), running)
-                log.warning("the state is in %s; run the same command again to continue", checkpoint)
-            break
-        x0, prompts = make_batch(rng, config)
-        g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        sigma = sample_sigma(denoiser, x0.shape[0], g, config.timestep_exponent).to(device)
-        x0 = x0.to(device)
-        out = denoiser(add_noise(config.prediction, x0, noise, sigma), sigma, encoder.encode(prompts))
-        loss = diffusion_loss(out, target(config.prediction, x0, noise, sigma))
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        update_ema(ema, torch.nn.ModuleList([unet, encoder]), step, config.ema_decay)
-        step += 1
-        running.append(float(loss.detach()))
-        if step % log_every == 0 or step == config.steps:
-            history.append(float(np.mean(running)))
-            running = []
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f min", step, config.steps, history[-1],
-                     learning_rate(step - 1, config), trained_minutes())
-            if on_log is not None:
-                on_log(step, ema[0], ema[1], history)
-        if checkpoint and checkpoint_every and step % checkpoint_every == 0 and step < config.steps:
-            _save_checkpoint(checkpoint, step, parts, rng, history, config, unet_config, trained_minutes(), running)
+    try:
+        while step < config.steps:
+            if deadline is not None and time.monotonic() > deadline:
+                log.warning("stopping at step %d of %d: the %.1f-minute cap is reached", step, config.steps, minutes)
+                if checkpoint:
+                    _save_checkpoint(checkpoint, step, parts, rng, history, config, unet_config, trained_minutes(),
+                                     running, batches.stream)
+                    log.warning("the state is in %s; run the same command again to continue", checkpoint)
+                break
+            x0, prompts = batches.get(step)
+            g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            sigma = sample_sigma(denoiser, x0.shape[0], g, config.timestep_exponent).to(device)
+            x0 = x0.to(device)
+            out = denoiser(add_noise(config.prediction, x0, noise, sigma), sigma, encoder.encode(prompts))
+            loss = diffusion_loss(out, target(config.prediction, x0, noise, sigma))
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            update_ema(ema, torch.nn.ModuleList([unet, encoder]), step, config.ema_decay)
+            step += 1
+            running.append(float(loss.detach()))
+            if step % log_every == 0 or step == config.steps:
+                history.append(float(np.mean(running)))
+                running = []
+                log.info("step %d/%d  loss %.4f  lr %.2e  %.1f min", step, config.steps, history[-1],
+                         learning_rate(step - 1, config), trained_minutes())
+                if on_log is not None:
+                    on_log(step, ema[0], ema[1], history)
+            if checkpoint and checkpoint_every and step % checkpoint_every == 0 and step < config.steps:
+                _save_checkpoint(checkpoint, step, parts, rng, history, config, unet_config, trained_minutes(),
+                                 running, batches.stream)
+    finally:
+        batches.close()
     ema_unet, ema_encoder = ema.cpu()
     return ema_unet.eval(), ema_encoder.eval(), step, history, trained_minutes()
 
@@ -294,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partial-fraction", type=float, default=defaults.partial_fraction,
                         help="share of embroidery prompts that name only some attribute words (0..1)")
     parser.add_argument("--prediction", default=defaults.prediction, choices=("eps", "v"))
+    parser.add_argument("--workers", type=int, default=0,
+                        help="0: draw the examples in this process from one generator (how the shipped base was "
+                             "made); N >= 1: each step's batch from its own seed, made ahead by N processes (the "
+                             "same file for any N >= 1, not the same as 0's); for the GPU machine's cores")
     parser.add_argument("--device", default="cpu",
                         help="where to train: cpu, or cuda on a GPU machine (the same examples; the numbers "
                              "differ from a CPU run's, and the file records the device)")
@@ -307,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.model_channels < HEAD_CHANNELS or args.model_channels % HEAD_CHANNELS:
         parser.error(f"--model-channels must be a positive multiple of {HEAD_CHANNELS}, got {args.model_channels}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     if not 0 <= args.partial_fraction <= 1:
         parser.error(f"--partial-fraction must be in 0..1, got {args.partial_fraction}")
     try:
@@ -314,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         parser.error(f"--device {args.device!r}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu")
+        parser.error(f"--device {args.device}: this machine has no CUDA GPU (torch {torch.__version__}); "
+                     "use --device cpu")
     unet_config = wider(args.model_channels)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     if args.init and not os.path.isfile(args.init):
@@ -334,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                 "script_version": SCRIPT_VERSION, "train_config": json.dumps(asdict(config), sort_keys=True),
                 "torch": torch.__version__, "threads": config.threads, "train_minutes": f"{minutes:.1f}",
                 "final_loss": f"{history[-1]:.5f}" if history else "nan"}
+        if args.workers:  # the default stream's files keep the metadata they always had
+            meta["data_stream"] = "per_step"
         if args.device != "cpu":  # a CPU file keeps the metadata it always had, so it rebuilds byte-identically
             meta["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
         if args.init:  # the chain of rounds: this one's start, and the steps and minutes of all so far
@@ -349,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         unet, encoder, done, history, minutes = train(config, args.minutes, on_log=snapshot, unet_config=unet_config,
                                                       checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
-                                                      init_from=args.init, device=args.device)
+                                                      init_from=args.init, device=args.device, workers=args.workers)
     except ValueError as e:
         parser.error(str(e))
     if done < config.steps:
