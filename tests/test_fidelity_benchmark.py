@@ -81,6 +81,7 @@ def test_gate_needs_every_training_and_held_out_technique():
     assert not benchmark.gate_verdict(missing)[0]
     passed, line = benchmark.gate_verdict(good, designs=2)  # a smoke run's few designs never pass
     assert not passed and "from 2 new designs (fewer than the gate's 12" in line
+    assert "DDIM" in line and "ancestral sampling (eta 1)" in benchmark.gate_verdict(good, eta=1.0)[1]
 
 
 def test_base_check_has_a_row_per_technique_and_marks_the_held_out_ones():
@@ -113,6 +114,12 @@ def test_round_trip_check_starts_from_the_renders_the_classifier_reads():
 def test_round_trip_needs_base_check():
     with pytest.raises(SystemExit):
         benchmark.main(["--round-trip"])
+
+
+def test_a_negative_eta_is_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--base-check", "--eta", "-1"])
+    assert "--eta must be >= 0" in capsys.readouterr().err
 
 
 def test_an_unknown_technique_is_refused():

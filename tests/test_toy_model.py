@@ -297,6 +297,31 @@ def test_sampler_shapes_and_determinism(toy):
     assert torch.allclose(generate(unet, encoder, prompts[1:], steps=2, seed=8), a[1:], atol=1e-5)
 
 
+def test_ancestral_step_splits_the_next_sigma_and_eta_0_is_ddim():
+    from toyworld.sample import ancestral_sigmas
+
+    sigma, nxt = torch.tensor(2.0), torch.tensor(1.0)
+    down, up = ancestral_sigmas(sigma, nxt, 1.0)
+    assert float(up) == pytest.approx((1.0 * (4.0 - 1.0) / 4.0) ** 0.5)  # the formula, not capped here
+    assert float(down ** 2 + up ** 2) == pytest.approx(1.0)  # lands at the next level's variance
+    assert ancestral_sigmas(sigma, nxt, 0.0) == (nxt, 0.0 * up)
+    assert float(ancestral_sigmas(sigma, nxt, 10.0)[1]) == pytest.approx(1.0)  # capped at sigma_next
+    assert ancestral_sigmas(sigma, torch.tensor(0.0), 1.0) == (0.0, 0.0)  # the last step adds nothing
+    with pytest.raises(ValueError, match="eta"):
+        ancestral_sigmas(sigma, nxt, -0.5)
+
+
+def test_ancestral_sampling_is_seeded_per_sample_and_differs_from_ddim(toy):
+    unet, encoder = toy
+    prompts = ["a red circle", f"a blue star in {TRIGGER} style"]
+    plain = generate(unet, encoder, prompts, steps=3, seed=7)
+    assert torch.equal(generate(unet, encoder, prompts, steps=3, seed=7, eta=0.0), plain)
+    a = generate(unet, encoder, prompts, steps=3, seed=7, eta=1.0)
+    assert torch.equal(a, generate(unet, encoder, prompts, steps=3, seed=7, eta=1.0))
+    assert not torch.allclose(a, plain, atol=1e-3)
+    assert torch.allclose(generate(unet, encoder, prompts[1:], steps=3, seed=8, eta=1.0), a[1:], atol=1e-5)
+
+
 def test_img2img_at_low_strength_keeps_the_image(toy):
     unet, encoder = toy
     init = torch.from_numpy(np.stack([clf.render_example(clf.CLASSES.index("design"), 1, 0)]))  # a flat design

@@ -165,7 +165,8 @@ def run_one(unet, encoder, classifier, technique: str, reference_seed: int, seed
     style_lora = timed("pair_customization", lambda: train_pair_customization(unet, pair, iterations, config))
     outputs["pair_customization"] = style_guided(
         unet, encoder, style_lora, PAIR_STYLE_WEIGHT, [design_prompt(s) for s in subjects],
-        [demo.style_prompt(s) for s in subjects], config.sample_steps, config.cfg, seed, designs, config.strength)
+        [demo.style_prompt(s) for s in subjects], config.sample_steps, config.cfg, seed, designs, config.strength,
+        config.eta)
     gallery_config = StylizeConfig.fast() if config.stylegallery_preset == "fast" else StylizeConfig()
     outputs["stylegallery"] = timed("stylegallery", lambda: torch.cat([
         gallery.stylegallery(unet, encoder, t.design, [reference.embroidery], gallery_config)[0] for t in targets]))
@@ -282,14 +283,15 @@ def run(refs: int, designs: int, seeds: int, techniques=BENCH_TECHNIQUES, config
 # --- the base model's own ceiling, and the gate ----------------------------------------------
 
 def base_check(designs: int = GATE_DESIGNS, strengths=(GATE_STRENGTH,), techniques=TRAIN_TECHNIQUES + HELD_OUT,
-               weights: str | None = None, round_trip: bool = False, classifier_weights: str | None = None
-               ) -> tuple[str, dict[str, float]]:
+               weights: str | None = None, round_trip: bool = False, classifier_weights: str | None = None,
+               config: ToyRunConfig | None = None) -> tuple[str, dict[str, float]]:
     """How well the base model draws each technique by its own words, no LoRA, same protocol
     (img2img from the benchmark's new designs, "a <subject> in <technique> style"). For the
     training techniques this is the ceiling a one-shot LoRA builds on; for the held-out
     combinations it is the prior a LoRA only has to bind the trigger word to. Returns a markdown
     table (technique accuracy and HFRD(gt), one row per technique, one column pair per strength)
-    and the accuracy per technique at the first strength.
+    and the accuracy per technique at the first strength. ``config``: the runs' sampler settings
+    (steps, CFG, eta; default ToyRunConfig()).
 
     ``round_trip``: start from the ground-truth renders of those designs instead, so the model
     only has to keep stitches it is shown, and add a first column with the classifier's accuracy
@@ -299,7 +301,7 @@ def base_check(designs: int = GATE_DESIGNS, strengths=(GATE_STRENGTH,), techniqu
 
     unet, encoder = load_toy_model(weights)
     classifier = load_classifier(classifier_weights)
-    config = ToyRunConfig()
+    config = config or ToyRunConfig()
     header = "| Technique | " + ("acc. of render | " if round_trip else "") \
         + " | ".join(f"acc. @ {s} | HFRD(gt) @ {s}" for s in strengths) + " |"
     lines = [header, "|---|" + ("---:|" if round_trip else "") + "---:|---:|" * len(strengths)]
@@ -312,7 +314,7 @@ def base_check(designs: int = GATE_DESIGNS, strengths=(GATE_STRENGTH,), techniqu
         cells = [f"{_accuracy(classifier, renders.numpy(), technique):.2f}"] if round_trip else []
         for strength in strengths:
             out = generate(unet, encoder, prompts, config.sample_steps, config.cfg, 0, init_images=start,
-                           strength=strength).numpy()
+                           strength=strength, eta=config.eta).numpy()
             hfrd_gt = np.mean([metrics.hfrd(o, t.embroidery[0].numpy()) for o, t in zip(out, targets)])
             read = _accuracy(classifier, out, technique)
             accuracy.setdefault(technique, read)  # the first strength's
@@ -329,7 +331,7 @@ def _role(technique: str) -> str:
     return " (held out)" if technique in HELD_OUT else " (new kind)" if technique in NEW_KIND_TECHNIQUES else ""
 
 
-def gate_verdict(accuracy: dict[str, float], designs: int = GATE_DESIGNS) -> tuple[bool, str]:
+def gate_verdict(accuracy: dict[str, float], designs: int = GATE_DESIGNS, eta: float = 0.0) -> tuple[bool, str]:
     """The gate on base_check's accuracies from ``designs`` new designs each: every training
     technique >= GATE_TRAIN, every held-out combination >= GATE_HELD_OUT (techniques not measured
     fail it), on at least GATE_DESIGNS designs (fewer is a smoke run, never a pass)."""
@@ -340,7 +342,8 @@ def gate_verdict(accuracy: dict[str, float], designs: int = GATE_DESIGNS) -> tup
     return passed, (f"Base-model gate {'PASSED' if passed else 'FAILED'}: lowest accuracy {min(train):.2f} over the "
                     f"{len(train)} training techniques (needs >= {GATE_TRAIN}), {min(held):.2f} over the "
                     f"{len(held)} held-out combinations named by their words (needs >= {GATE_HELD_OUT}); "
-                    f"img2img from {designs} new designs{few} at strength {GATE_STRENGTH}, no LoRA.")
+                    f"img2img from {designs} new designs{few} at strength {GATE_STRENGTH}, "
+                    f"{f'ancestral sampling (eta {eta:g})' if eta else 'DDIM'}, no LoRA.")
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -468,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default=None, help="another toy base model file (default: the shipped one)")
     parser.add_argument("--classifier", default=None, help="another technique classifier file")
     parser.add_argument("--quick", action="store_true", help="the demo's smoke-run iterations (checks the script only)")
+    parser.add_argument("--eta", type=float, default=ToyRunConfig().eta,
+                        help="sampler: 0 deterministic DDIM (default), 1 ancestral; the gate and every img2img run "
+                             "(DiffStyler's inversion-based sampler stays deterministic)")
     parser.add_argument("--base-check", action="store_true",
                         help="only print the gate: how well the base model draws every technique by its own words")
     parser.add_argument("--round-trip", action="store_true",
@@ -482,22 +488,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"not held-out techniques: {unknown}; choose from {HELD_OUT + NEW_KIND_TECHNIQUES}")
     if args.round_trip and not args.base_check:
         parser.error("--round-trip only applies to --base-check")
+    if args.eta < 0:
+        parser.error(f"--eta must be >= 0, got {args.eta}")
+    config = ToyRunConfig(**(demo.QUICK if args.quick else {}), eta=args.eta)
     gate_designs = min(args.gate_designs, 2) if args.quick else args.gate_designs
     if args.base_check:
         strengths = ROUND_TRIP_STRENGTHS if args.round_trip else (GATE_STRENGTH, 0.9)
         table, accuracy = base_check(gate_designs, strengths, TRAIN_TECHNIQUES + HELD_OUT + NEW_KIND_TECHNIQUES,
-                                     args.weights, args.round_trip, args.classifier)
+                                     args.weights, args.round_trip, args.classifier, config)
         print(table)
         if not args.round_trip:
-            print("\n" + gate_verdict(accuracy, gate_designs)[1])
+            print("\n" + gate_verdict(accuracy, gate_designs, args.eta)[1])
         return 0
     start = time.monotonic()
     gate_table, accuracy = base_check(gate_designs, (GATE_STRENGTH,), TRAIN_TECHNIQUES + HELD_OUT,
-                                      args.weights, classifier_weights=args.classifier)
-    passed, gate_line = gate_verdict(accuracy, gate_designs)
+                                      args.weights, classifier_weights=args.classifier, config=config)
+    passed, gate_line = gate_verdict(accuracy, gate_designs, args.eta)
     log.info(gate_line)
-    runs, reused = run(args.refs, args.designs, args.seeds, techniques, ToyRunConfig(**(demo.QUICK if args.quick else {})),
-                       args.weights, args.classifier, args.jobs, args.runs_dir)
+    runs, reused = run(args.refs, args.designs, args.seeds, techniques, config, args.weights, args.classifier,
+                       args.jobs, args.runs_dir)
     minutes = (time.monotonic() - start) / 60
     block = results_block(runs, args, minutes, gate_table, gate_line, reused)
     print(block)

@@ -83,6 +83,7 @@ class ToyRunConfig:
     sample_steps: int = 20  # DDIM steps, generated pairs and inference
     cfg: float = 3.0
     strength: float = 0.6  # img2img strength from the design at inference
+    eta: float = 0.0  # 0: deterministic DDIM; > 0: ancestral steps (toyworld.sample), inference and stage 2's pairs
     new_designs: int = 6
     stylegallery_preset: str = "standard"  # the benchmark's training-free row: "standard" or "fast"
 
@@ -158,7 +159,7 @@ def stylize(unet, encoder, designs: torch.Tensor, subjects: list[str], config: T
     """New designs [B, H, W, 3] -> embroideries "a <subject> in <trigger> style", img2img."""
     with lora_applied(unet, lora, blocks):
         return generate(unet, encoder, [style_prompt(s) for s in subjects], config.sample_steps, config.cfg, seed,
-                        init_images=designs, strength=config.strength)
+                        init_images=designs, strength=config.strength, eta=config.eta)
 
 
 # --- the two stages --------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def generate_pairs(unet, encoder, lora: StyleLoRA, subjects, config: ToyRunConfi
     Returns (images [N, H, W, 3], designs [N, H, W, 3], list of PairLatents)."""
     with lora_applied(unet, lora):
         images = generate(unet, encoder, [style_prompt(s) for s in subjects], config.sample_steps, config.cfg,
-                          config.seed)
+                          config.seed, eta=config.eta)
     designs = flatten_design(images, colours=FLATTEN_COLOURS, outline=0.0)
     latents = [pair_latents(encoder, d[None], i[None], s) for s, i, d in zip(subjects, images, designs)]
     return images, designs, latents

@@ -8,7 +8,12 @@ form of :mod:`embroidery_core.diffusion` (``x_t = x0 + sigma * eps``) a DDIM ste
     x0 = denoised(output);   eps = (x_t - x0) / sigma_i;   x_{i+1} = x0 + sigma_{i+1} * eps,
 
 with ``output`` the classifier-free-guided raw prediction (eps or v). Same seed, same inputs,
-same output.
+same output. With ``eta`` > 0 a step is ancestral (k-diffusion's rule in this sigma form): it
+lands at sigma_down and adds fresh noise of sigma_up, sigma_down^2 + sigma_up^2 = sigma_{i+1}^2,
+
+    sigma_up = min(sigma_{i+1}, eta * sqrt(sigma_{i+1}^2 (sigma_i^2 - sigma_{i+1}^2) / sigma_i^2)),
+
+seeded per sample and step like the initial noise; eta 1 is DDPM-like, eta 0 plain DDIM.
 """
 from __future__ import annotations
 
@@ -39,6 +44,19 @@ def sigma_schedule(sigmas: torch.Tensor, steps: int, strength: float = 1.0) -> t
     start = strength * (len(sigmas) - 1)
     index = torch.linspace(start, 0, steps).round().long()
     return torch.cat([sigmas[index].float(), torch.zeros(1)])
+
+
+def ancestral_sigmas(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_down, sigma_up) of one ancestral step from ``sigma`` to ``sigma_next`` (see the
+    module docstring); eta 0 gives (sigma_next, 0)."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    up = eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2).clamp(min=0).sqrt()
+    up = torch.minimum(up, sigma_next)
+    return (sigma_next ** 2 - up ** 2).clamp(min=0).sqrt(), up
+
+
+STEP_NOISE_SEED = 1_000_003  # step k's fresh noise (eta > 0) uses seed + STEP_NOISE_SEED * (k + 1)
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -80,8 +98,8 @@ def _guided(denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, uncond: 
 @torch.no_grad()
 def ddim(denoiser, cond: Cond, uncond: Cond | None, shape: tuple[int, ...], steps: int = DEFAULT_STEPS,
          cfg: float = DEFAULT_CFG, seed: int = 0, init: torch.Tensor | None = None,
-         strength: float = 1.0, style: StyleGuide | None = None) -> torch.Tensor:
-    """Latents of shape ``shape`` [B, C, h, w].
+         strength: float = 1.0, style: StyleGuide | None = None, eta: float = 0.0) -> torch.Tensor:
+    """Latents of shape ``shape`` [B, C, h, w]; ``eta`` > 0: ancestral steps (module docstring).
 
     txt2img (``init`` None): start from N(0, 1 + sigma_max^2) at the last timestep.
     img2img: noise ``init`` to the level ``strength`` (1 = all the way) and denoise from there.
@@ -92,27 +110,31 @@ def ddim(denoiser, cond: Cond, uncond: Cond | None, shape: tuple[int, ...], step
         x = noise * (1 + sigmas[0] ** 2).sqrt()
     else:
         x = init.float().expand(shape) + sigmas[0] * noise
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+    for k, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         out = _guided(denoiser, x, sigma.reshape(1), cond, uncond, cfg, style).float()
         x0 = denoised(denoiser.prediction, out, x, sigma.reshape(1))
-        x = x0 + sigma_next * (x - x0) / sigma
+        if not eta:
+            x = x0 + sigma_next * (x - x0) / sigma
+            continue
+        down, up = ancestral_sigmas(sigma, sigma_next, eta)
+        x = x0 + down * (x - x0) / sigma + up * initial_noise(shape, seed + STEP_NOISE_SEED * (k + 1))
     return x
 
 
 def generate(unet, encoder, prompts: list[str], steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG,
              seed: int = 0, init_images: torch.Tensor | None = None, strength: float = 1.0,
-             size: int = IMAGE_SIZE) -> torch.Tensor:
+             size: int = IMAGE_SIZE, eta: float = 0.0) -> torch.Tensor:
     """Prompts -> IMAGE [B, size, size, 3]; with ``init_images`` [B, H, W, 3], img2img from them."""
     denoiser = toy_denoiser(unet)
     cond, uncond = encoder.encode(prompts), encoder.encode(UNCOND)
     init = None if init_images is None else to_latent(init_images)
     shape = (len(prompts), unet.cfg.in_channels, size // PATCH, size // PATCH) if init is None else tuple(init.shape)
-    return from_latent(ddim(denoiser, cond, uncond, shape, steps, cfg, seed, init, strength))
+    return from_latent(ddim(denoiser, cond, uncond, shape, steps, cfg, seed, init, strength, eta=eta))
 
 
 def style_guided(unet, encoder, lora: StyleLoRA, weight: float, prompts: list[str], style_prompts: list[str],
                  steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, seed: int = 0,
-                 init_images: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+                 init_images: torch.Tensor | None = None, strength: float = 1.0, eta: float = 0.0) -> torch.Tensor:
     """Like :func:`generate`, with Pair Customization's style guidance: ``prompts`` are the content
     prompts of the base passes, ``style_prompts`` those of the styled pass with ``lora``."""
     adapters = AdapterSet.from_style_lora(unet, lora)
@@ -122,7 +144,7 @@ def style_guided(unet, encoder, lora: StyleLoRA, weight: float, prompts: list[st
         else tuple(init.shape)
     with installed(unet, adapters), torch.no_grad():
         guide = StyleGuide(adapters, encoder.encode(style_prompts), weight)
-        latents = ddim(toy_denoiser(unet), cond, uncond, shape, steps, cfg, seed, init, strength, guide)
+        latents = ddim(toy_denoiser(unet), cond, uncond, shape, steps, cfg, seed, init, strength, guide, eta)
     return from_latent(latents)
 
 
