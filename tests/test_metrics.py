@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 
-from embroidery_core import metrics
 from embroidery_core.metrics import (
     colour_histogram,
     content_iou,
