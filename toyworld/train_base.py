@@ -142,7 +142,7 @@ def step_batch(config: BaseTrainConfig, step: int) -> tuple[torch.Tensor, list[s
 class Batches:
     """Where a training's batches come from. ``workers`` 0: one generator drawn through the whole
     run in this process (how the shipped base was made; its state is checkpointed). ``workers``
-    >= 1: the per-step stream (step_batch), made that many steps ahead by that many processes;
+    >= 1: the per-step stream (step_batch), made up to 2 x workers steps ahead by that many processes;
     the same batches for any number of workers, not the same as 0's."""
 
     def __init__(self, config: BaseTrainConfig, workers: int = 0):
