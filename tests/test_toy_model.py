@@ -382,3 +382,34 @@ def test_partial_prompts_name_a_proper_subset_and_the_stream_is_pinned():
         "a orange square in horizontal metallic style", "a purple triangle in tatami vertical coarse matte style",
         "a orange star pink heart in knot horizontal coarse metallic style",
         "a pink circle in satin horizontal fine metallic style"]
+
+
+def test_attribute_weights_draw_the_weighted_techniques_more_often_and_leave_the_default_alone(tmp_path, capsys):
+    import numpy as np
+
+    from toyworld.generator import TRAIN_TECHNIQUES
+
+    p = train_base.technique_probabilities((("coarse", 2.0),))
+    coarse = np.array(["coarse" in t.split() for t in TRAIN_TECHNIQUES])
+    assert np.isclose(p.sum(), 1) and np.allclose(p[coarse], 2 * p[~coarse][0]) and np.allclose(p[~coarse], p[~coarse][0])
+    both = train_base.technique_probabilities((("coarse", 2.0), ("cross", 3.0)))
+    i = TRAIN_TECHNIQUES.index("cross horizontal coarse matte")
+    j = TRAIN_TECHNIQUES.index("satin horizontal fine matte")
+    assert np.isclose(both[i] / both[j], 6.0)  # the product of the words' weights
+    assert np.allclose(train_base.technique_probabilities(()), 1 / len(TRAIN_TECHNIQUES))
+    rng = np.random.default_rng(0)
+    drawn = [train_base.training_example(rng, 0.0, 0.0, (("coarse", 3.0),))[1] for _ in range(200)]
+    assert 0.65 < np.mean([" coarse " in d for d in drawn]) < 0.85  # 3 / 4 expected
+    for bad, match in ((("spiky", 2.0),), "not an attribute word"), ((("coarse", 0.0),), "positive"):
+        with pytest.raises(ValueError, match=match):
+            train_base.technique_probabilities(bad)
+    assert train_base.parse_attribute_weight("coarse=2") == ("coarse", 2.0)
+    with pytest.raises(ValueError, match="WORD=WEIGHT"):
+        train_base.parse_attribute_weight("coarse")
+    with pytest.raises(SystemExit):
+        train_base.main(["--out", str(tmp_path / "x.safetensors"), "--attribute-weight", "sparkly=2", "--steps", "1"])
+    assert "not an attribute word" in capsys.readouterr().err
+    # the record of a default run has no new field, so the shipped base's metadata is unchanged
+    assert "attribute_weights" not in json.loads(train_base.config_json(train_base.BaseTrainConfig()))
+    weighted = train_base.BaseTrainConfig(attribute_weights=(("coarse", 2.0),))
+    assert json.loads(train_base.config_json(weighted))["attribute_weights"] == [["coarse", 2.0]]

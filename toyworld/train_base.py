@@ -68,7 +68,7 @@ class BaseTrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    design_fraction: float = 0.25  # the rest are embroideries, techniques drawn uniformly
+    design_fraction: float = 0.25  # the rest are embroideries, techniques drawn by attribute_weights
     uncond_fraction: float = 0.1
     # t = T * u ** exponent, u uniform: below 1 more examples at high noise, where the layout of
     # the stitches over a region is decided (0.75: 60 % of examples above t = 500, not 50 %).
@@ -78,6 +78,10 @@ class BaseTrainConfig:
     # each word then has to carry its own attribute, the usual lever for composing unseen
     # combinations (docs/FIDELITY.md, the first world's round 3).
     partial_fraction: float = 0.3
+    # (attribute word, weight) pairs: a training technique is drawn with the product of its words'
+    # weights (unnamed words weigh 1), e.g. (("coarse", 2.0),) draws every coarse technique twice as
+    # often as a fine one. Empty: uniform, the draw the shipped base was trained with.
+    attribute_weights: tuple = ()
     threads: int = 2
     prediction: str = "v"  # see the module docstring
     init: str = ""  # digest of the base model this run continues from ("" = from scratch), see init_digest
@@ -106,16 +110,34 @@ def partial_words(technique: str, mask: int) -> str:
     return " ".join(w for i, w in enumerate(technique.split()) if mask >> i & 1)
 
 
+def technique_probabilities(attribute_weights) -> np.ndarray:
+    """The draw probability of each of TRAIN_TECHNIQUES: the product of its attribute words'
+    weights from ``attribute_weights`` ((word, weight) pairs; other words weigh 1), normalised."""
+    weights = dict(attribute_weights)
+    known = set(sum(ATTRIBUTES, ()))
+    for word, weight in weights.items():
+        if word not in known:
+            raise ValueError(f"attribute weight for {word!r}: not an attribute word; use one of {sorted(known)}")
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"attribute weight for {word!r} must be a positive number, got {weight}")
+    p = np.array([math.prod(weights.get(w, 1.0) for w in t.split()) for t in TRAIN_TECHNIQUES])
+    return p / p.sum()
+
+
 def training_example(rng: np.random.Generator, design_fraction: float,
-                     partial_fraction: float = 0.0) -> tuple[np.ndarray, str]:
-    """One (image, prompt): a design or its embroidery in a training technique, named by all its
-    attribute words or (``partial_fraction`` of embroideries) by a random proper subset of them."""
+                     partial_fraction: float = 0.0, attribute_weights=()) -> tuple[np.ndarray, str]:
+    """One (image, prompt): a design or its embroidery in a training technique (drawn uniformly, or
+    by ``attribute_weights``, see BaseTrainConfig), named by all its attribute words or
+    (``partial_fraction`` of embroideries) by a random proper subset of them."""
     design_seed = int(rng.integers(TRAIN_DESIGN_SEEDS))
     design = make_design(design_seed, IMAGE_SIZE)
     prompt = "a " + " ".join(design.words)
     if rng.random() < design_fraction:
         return design.image, prompt
-    technique = str(rng.choice(TRAIN_TECHNIQUES))
+    if attribute_weights:
+        technique = str(rng.choice(TRAIN_TECHNIQUES, p=technique_probabilities(attribute_weights)))
+    else:  # the uniform draw keeps its own call: the shipped base's data stream depends on it
+        technique = str(rng.choice(TRAIN_TECHNIQUES))
     image, _ = render_embroidery(design, technique, int(rng.integers(2 ** 31)))
     words = technique
     if partial_fraction and rng.random() < partial_fraction:
@@ -126,7 +148,8 @@ def training_example(rng: np.random.Generator, design_fraction: float,
 def make_batch(rng: np.random.Generator, config: BaseTrainConfig) -> tuple[torch.Tensor, list[str]]:
     images, prompts = [], []
     for _ in range(config.batch):
-        image, prompt = training_example(rng, config.design_fraction, config.partial_fraction)
+        image, prompt = training_example(rng, config.design_fraction, config.partial_fraction,
+                                         config.attribute_weights)
         images.append(image)
         prompts.append(UNCOND if rng.random() < config.uncond_fraction else prompt)
     return to_latent(torch.from_numpy(np.stack(images))), prompts
@@ -203,6 +226,28 @@ def sample_sigma(denoiser: TorchDenoiser, batch: int, generator: torch.Generator
     u = torch.rand(batch, generator=generator)
     index = (u ** exponent * len(denoiser.sigmas)).long().clamp(max=len(denoiser.sigmas) - 1)
     return denoiser.sigmas[index]
+
+
+def config_json(config: BaseTrainConfig) -> str:
+    """The config as the saved file records it. A field added after the shipped base leaves the
+    record when it has its default, so files of the older options rebuild byte-identically."""
+    record = asdict(config)
+    if not record["attribute_weights"]:
+        del record["attribute_weights"]
+    return json.dumps(record, sort_keys=True)
+
+
+def parse_attribute_weight(text: str) -> tuple[str, float]:
+    """"coarse=2" -> ("coarse", 2.0), checked against the attribute words (ValueError otherwise)."""
+    word, sep, value = text.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = None
+    if not sep or weight is None:
+        raise ValueError(f"--attribute-weight {text!r}: write WORD=WEIGHT, e.g. coarse=2")
+    technique_probabilities(((word, weight),))  # the word and the weight are checked there
+    return word, weight
 
 
 def checkpoint_path(out: str) -> str:
@@ -349,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads (part of what makes the file reproducible)")
     parser.add_argument("--partial-fraction", type=float, default=defaults.partial_fraction,
                         help="share of embroidery prompts that name only some attribute words (0..1)")
+    parser.add_argument("--attribute-weight", action="append", default=[], metavar="WORD=WEIGHT",
+                        help="draw the training techniques with this attribute word WEIGHT times as often "
+                             "(repeatable; a technique's weight is the product of its words'), e.g. coarse=2; "
+                             "default: uniform, as the shipped base")
     parser.add_argument("--prediction", default=defaults.prediction, choices=("eps", "v"))
     parser.add_argument("--workers", type=int, default=0,
                         help="0: draw the examples in this process from one generator (how the shipped base was "
@@ -372,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.partial_fraction <= 1:
         parser.error(f"--partial-fraction must be in 0..1, got {args.partial_fraction}")
     try:
+        attribute_weights = tuple(sorted(dict(parse_attribute_weight(a) for a in args.attribute_weight).items()))
+    except ValueError as e:
+        parser.error(str(e))
+    try:
         device = torch.device(args.device)
     except RuntimeError as e:
         parser.error(f"--device {args.device!r}: {e}")
@@ -386,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out must differ from --init (the run writes snapshots and checkpoints next to --out)")
     config = BaseTrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, threads=args.threads,
                              prediction=args.prediction, learning_rate=args.learning_rate,
-                             partial_fraction=args.partial_fraction,
+                             partial_fraction=args.partial_fraction, attribute_weights=attribute_weights,
                              init=init_digest(args.init) if args.init else "")
     before = read_metadata(args.init) if args.init else {}
     torch.set_num_threads(config.threads)
@@ -394,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(step, unet, encoder, history, minutes):
         meta = {"prediction": config.prediction, "seed": config.seed, "steps": step, "script": "toyworld.train_base",
-                "script_version": SCRIPT_VERSION, "train_config": json.dumps(asdict(config), sort_keys=True),
+                "script_version": SCRIPT_VERSION, "train_config": config_json(config),
                 "torch": torch.__version__, "threads": config.threads, "train_minutes": f"{minutes:.1f}",
                 "final_loss": f"{history[-1]:.5f}" if history else "nan"}
         if args.workers:  # the default stream's files keep the metadata they always had
