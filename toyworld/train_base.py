@@ -8,7 +8,9 @@ What it sees: flat designs prompted "a red circle blue star" and their embroider
 training techniques prompted "a red circle blue star in knot horizontal fine matte style" (a
 technique's four attribute words are its style words). The held-out combinations (HELD_OUT),
 the new kind (NEW_KIND_TECHNIQUES) and the trigger word are never seen: the first must come from
-words the model knows, the others a one-shot LoRA has to add. SD's discrete schedule with
+words the model knows, the others a one-shot LoRA has to add. The training techniques are drawn
+uniformly, or by ``--attribute-weight`` (``coarse=2``: every coarse technique twice as often as a
+fine one), a lever for cells the base learns slowest. SD's discrete schedule with
 timesteps drawn towards the noisy end (``timestep_exponent``), the empty prompt for 10 % of
 examples so classifier-free guidance works; an EMA of the weights is what gets saved.
 
