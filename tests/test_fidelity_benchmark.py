@@ -82,6 +82,7 @@ def test_gate_needs_every_training_and_held_out_technique():
     passed, line = benchmark.gate_verdict(good, designs=2)  # a smoke run's few designs never pass
     assert not passed and "from 2 new designs (fewer than the gate's 12" in line
     assert "DDIM" in line and "ancestral sampling (eta 1)" in benchmark.gate_verdict(good, eta=1.0)[1]
+    assert "CFG 3," in line and "CFG 6," in benchmark.gate_verdict(good, cfg=6.0)[1]
 
 
 def test_base_check_has_a_row_per_technique_and_marks_the_held_out_ones():
@@ -120,6 +121,21 @@ def test_a_negative_eta_is_refused_before_any_work(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--base-check", "--eta", "-1"])
     assert "--eta must be >= 0" in capsys.readouterr().err
+
+
+def test_cfg_reaches_the_gate_and_a_cfg_under_1_is_refused(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--base-check", "--cfg", "0.5"])
+    assert "--cfg must be >= 1" in capsys.readouterr().err
+    seen = {}
+
+    def no_work(designs, strengths, techniques, weights, round_trip, classifier, config):
+        seen["cfg"] = config.cfg
+        return "| table |", {}
+
+    monkeypatch.setattr(benchmark, "base_check", no_work)
+    assert benchmark.main(["--base-check", "--cfg", "6"]) == 0
+    assert seen["cfg"] == 6.0 and "CFG 6, no LoRA" in capsys.readouterr().out
 
 
 def test_an_unknown_technique_is_refused():

@@ -331,7 +331,8 @@ def _role(technique: str) -> str:
     return " (held out)" if technique in HELD_OUT else " (new kind)" if technique in NEW_KIND_TECHNIQUES else ""
 
 
-def gate_verdict(accuracy: dict[str, float], designs: int = GATE_DESIGNS, eta: float = 0.0) -> tuple[bool, str]:
+def gate_verdict(accuracy: dict[str, float], designs: int = GATE_DESIGNS, eta: float = 0.0,
+                 cfg: float = ToyRunConfig.cfg) -> tuple[bool, str]:
     """The gate on base_check's accuracies from ``designs`` new designs each: every training
     technique >= GATE_TRAIN, every held-out combination >= GATE_HELD_OUT (techniques not measured
     fail it), on at least GATE_DESIGNS designs (fewer is a smoke run, never a pass)."""
@@ -343,7 +344,7 @@ def gate_verdict(accuracy: dict[str, float], designs: int = GATE_DESIGNS, eta: f
                     f"{len(train)} training techniques (needs >= {GATE_TRAIN}), {min(held):.2f} over the "
                     f"{len(held)} held-out combinations named by their words (needs >= {GATE_HELD_OUT}); "
                     f"img2img from {designs} new designs{few} at strength {GATE_STRENGTH}, "
-                    f"{f'ancestral sampling (eta {eta:g})' if eta else 'DDIM'}, no LoRA.")
+                    f"{f'ancestral sampling (eta {eta:g})' if eta else 'DDIM'}, CFG {cfg:g}, no LoRA.")
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -474,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eta", type=float, default=ToyRunConfig().eta,
                         help="sampler: 0 deterministic DDIM (default), 1 ancestral; the gate and every img2img run "
                              "(DiffStyler's inversion-based sampler stays deterministic)")
+    parser.add_argument("--cfg", type=float, default=ToyRunConfig().cfg,
+                        help="classifier-free guidance scale of the gate and of every run's sampling "
+                             "(default %(default)s)")
     parser.add_argument("--base-check", action="store_true",
                         help="only print the gate: how well the base model draws every technique by its own words")
     parser.add_argument("--round-trip", action="store_true",
@@ -490,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--round-trip only applies to --base-check")
     if args.eta < 0:
         parser.error(f"--eta must be >= 0, got {args.eta}")
-    config = ToyRunConfig(**(demo.QUICK if args.quick else {}), eta=args.eta)
+    if not args.cfg >= 1:
+        parser.error(f"--cfg must be >= 1 (1: the prompt's prediction alone, no guidance), got {args.cfg}")
+    config = ToyRunConfig(**(demo.QUICK if args.quick else {}), eta=args.eta, cfg=args.cfg)
     gate_designs = min(args.gate_designs, 2) if args.quick else args.gate_designs
     if args.base_check:
         strengths = ROUND_TRIP_STRENGTHS if args.round_trip else (GATE_STRENGTH, 0.9)
@@ -498,12 +504,12 @@ def main(argv: list[str] | None = None) -> int:
                                      args.weights, args.round_trip, args.classifier, config)
         print(table)
         if not args.round_trip:
-            print("\n" + gate_verdict(accuracy, gate_designs, args.eta)[1])
+            print("\n" + gate_verdict(accuracy, gate_designs, args.eta, args.cfg)[1])
         return 0
     start = time.monotonic()
     gate_table, accuracy = base_check(gate_designs, (GATE_STRENGTH,), TRAIN_TECHNIQUES + HELD_OUT,
                                       args.weights, classifier_weights=args.classifier, config=config)
-    passed, gate_line = gate_verdict(accuracy, gate_designs, args.eta)
+    passed, gate_line = gate_verdict(accuracy, gate_designs, args.eta, args.cfg)
     log.info(gate_line)
     runs, reused = run(args.refs, args.designs, args.seeds, techniques, config, args.weights, args.classifier,
                        args.jobs, args.runs_dir)
