@@ -13,7 +13,7 @@ from toyworld import HELD_OUT, TECHNIQUES, TRIGGER, VOCAB
 from toyworld.generator import PROMPT_LENGTH
 from toyworld import classifier as clf
 from toyworld import train_base
-from toyworld.model import (TOY_UNET, WEIGHTS, ToyTextEncoder, build_toy_model, from_latent,
+from toyworld.model import (TOY_UNET, UNCOND, WEIGHTS, ToyTextEncoder, build_toy_model, from_latent,
                                             load_toy_model, read_metadata, to_latent, toy_state_dict)
 from toyworld.sample import generate, sigma_schedule
 
@@ -136,10 +136,10 @@ def test_per_step_batches_are_the_same_for_any_number_of_workers_and_a_resume_ke
     config = train_base.BaseTrainConfig(steps=3, batch=2, warmup=1, threads=1)
     first, second = (toy_state_dict(*train_base.train(config, log_every=1, workers=w)[:2]) for w in (1, 2))
     assert all(torch.equal(first[k], second[k]) for k in first)
-    batch, prompts = train_base.step_batch(config, 1)
-    again, same_prompts = train_base.step_batch(config, 1)
+    batch, prompts = train_base.step_batch(config, 1)[:2]
+    again, same_prompts = train_base.step_batch(config, 1)[:2]
     assert torch.equal(batch, again) and prompts == same_prompts
-    assert not torch.equal(batch, train_base.step_batch(config, 2)[0])
+    assert not torch.equal(batch, train_base.step_batch(config, 2).x0)
     sequential = toy_state_dict(*train_base.train(config, log_every=1)[:2])
     assert any(not torch.equal(first[k], sequential[k]) for k in first)  # another stream, other weights
     checkpoint = str(tmp_path / "base.resume")
@@ -413,3 +413,43 @@ def test_attribute_weights_draw_the_weighted_techniques_more_often_and_leave_the
     assert "attribute_weights" not in json.loads(train_base.config_json(train_base.BaseTrainConfig()))
     weighted = train_base.BaseTrainConfig(attribute_weights=(("coarse", 2.0),))
     assert json.loads(train_base.config_json(weighted))["attribute_weights"] == [["coarse", 2.0]]
+
+
+def test_img2img_examples_start_from_the_flat_design_and_are_trained_to_denoise_to_its_embroidery(tmp_path, capsys):
+    from embroidery_core.diffusion import TorchDenoiser, denoised
+
+    plain = train_base.BaseTrainConfig(batch=64, threads=1)
+    rng = np.random.default_rng(3)
+    batch = train_base.make_batch(rng, plain)
+    assert batch.source is batch.x0 and not batch.img2img.any()  # the default: the plain objective only
+    config = train_base.BaseTrainConfig(batch=64, threads=1, img2img_fraction=0.5)
+    batch = train_base.make_batch(np.random.default_rng(3), config)
+    rows = batch.img2img
+    # about half of the 3/4 that are embroideries; none with the empty prompt
+    assert 8 <= int(rows.sum()) <= 40 and UNCOND not in [p for p, r in zip(batch.prompts, rows) if r]
+    assert all(" style" in p for p, r in zip(batch.prompts, rows) if r)
+    assert torch.equal(batch.source[~rows], batch.x0[~rows])
+    assert (batch.source[rows] - batch.x0[rows]).abs().flatten(1).amax(1).min() > 0.1  # a design, not its embroidery
+    # the flat design the source holds is the one the embroidery was drawn from: its colours' latent
+    # is near the embroidery's at the coarsest scale (the mean over the image) and far at the finest
+    means = lambda x: x.mean(dim=(2, 3))
+    assert (means(batch.source[rows]) - means(batch.x0[rows])).abs().mean() < \
+        (means(batch.source[rows]) - means(batch.x0[rows].roll(1, 0))).abs().mean()
+    denoiser = TorchDenoiser(torch.nn.Identity(), "v")
+    g = torch.Generator().manual_seed(0)
+    sigma = train_base.img2img_sigma(denoiser, 256, g, config.timestep_exponent, config.img2img_min_t)
+    assert sigma.min() >= denoiser.sigmas[config.img2img_min_t] - 1e-6
+    noise = torch.randn(batch.x0.shape, generator=g)
+    sigma = sigma[:64]
+    x_t, goal = train_base.training_pair(config, batch, noise, sigma)
+    assert torch.allclose(x_t, batch.source + sigma.view(-1, 1, 1, 1) * noise)
+    # the target is what the network must output for the sampler to read the embroidery back out of x_t
+    assert torch.allclose(denoised("v", goal, x_t, sigma), batch.x0, atol=1e-4)
+    plain_x_t, plain_goal = train_base.training_pair(plain, batch._replace(source=batch.x0), noise, sigma)
+    assert torch.equal(plain_goal[~rows], goal[~rows]) and not torch.allclose(plain_goal[rows], goal[rows])
+    # a run with img2img examples records them; the default's record has no new field
+    assert "img2img_fraction" not in json.loads(train_base.config_json(plain))
+    assert json.loads(train_base.config_json(config))["img2img_fraction"] == 0.5
+    with pytest.raises(SystemExit):
+        train_base.main(["--out", str(tmp_path / "x.safetensors"), "--img2img-fraction", "2", "--steps", "1"])
+    assert "--img2img-fraction must be in 0..1" in capsys.readouterr().err

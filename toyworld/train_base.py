@@ -42,6 +42,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -84,6 +85,15 @@ class BaseTrainConfig:
     # weights (unnamed words weigh 1), e.g. (("coarse", 2.0),) draws every coarse technique twice as
     # often as a fine one. Empty: uniform, the draw the shipped base was trained with.
     attribute_weights: tuple = ()
+    # Share of embroideries taught as SDEdit's task: the noisy input is made from the flat design,
+    # the target is still its embroidery (the x0 the network's output must denoise to), at
+    # timesteps >= img2img_min_t only (below it the flat-to-stitched difference over sigma grows
+    # without bound). What the gate and the benchmark ask of a base is exactly this: img2img from a
+    # flat design, stitches drawn where the input has none. Never with the empty prompt, so the
+    # unconditional branch keeps the design and guidance pushes towards the stitches. 0: the plain
+    # diffusion objective, the shipped base's.
+    img2img_fraction: float = 0.0
+    img2img_min_t: int = 300
     threads: int = 2
     prediction: str = "v"  # see the module docstring
     init: str = ""  # digest of the base model this run continues from ("" = from scratch), see init_digest
@@ -131,11 +141,18 @@ def training_example(rng: np.random.Generator, design_fraction: float,
     """One (image, prompt): a design or its embroidery in a training technique (drawn uniformly, or
     by ``attribute_weights``, see BaseTrainConfig), named by all its attribute words or
     (``partial_fraction`` of embroideries) by a random proper subset of them."""
+    image, prompt, _ = training_example_with_design(rng, design_fraction, partial_fraction, attribute_weights)
+    return image, prompt
+
+
+def training_example_with_design(rng: np.random.Generator, design_fraction: float, partial_fraction: float = 0.0,
+                                 attribute_weights=()) -> tuple[np.ndarray, str, np.ndarray | None]:
+    """training_example, and the flat design an embroidery was rendered from (None for a design)."""
     design_seed = int(rng.integers(TRAIN_DESIGN_SEEDS))
     design = make_design(design_seed, IMAGE_SIZE)
     prompt = "a " + " ".join(design.words)
     if rng.random() < design_fraction:
-        return design.image, prompt
+        return design.image, prompt, None
     if attribute_weights:
         technique = str(rng.choice(TRAIN_TECHNIQUES, p=technique_probabilities(attribute_weights)))
     else:  # the uniform draw keeps its own call: the shipped base's data stream depends on it
@@ -144,20 +161,38 @@ def training_example(rng: np.random.Generator, design_fraction: float,
     words = technique
     if partial_fraction and rng.random() < partial_fraction:
         words = partial_words(technique, int(rng.integers(1, PARTIAL_MASKS + 1)))
-    return image, f"{prompt} in {words} style"
+    return image, f"{prompt} in {words} style", design.image
 
 
-def make_batch(rng: np.random.Generator, config: BaseTrainConfig) -> tuple[torch.Tensor, list[str]]:
-    images, prompts = [], []
+class Batch(NamedTuple):
+    """One step's examples: the latents the network must denoise to (``x0``), their prompts, the
+    latents the noisy inputs are made from (``source``: the very tensor x0 unless some examples
+    are img2img ones, whose rows hold their flat designs) and which those are (``img2img``, [B])."""
+
+    x0: torch.Tensor
+    prompts: list[str]
+    source: torch.Tensor
+    img2img: torch.Tensor
+
+
+def make_batch(rng: np.random.Generator, config: BaseTrainConfig) -> Batch:
+    images, sources, prompts = [], [], []
     for _ in range(config.batch):
-        image, prompt = training_example(rng, config.design_fraction, config.partial_fraction,
-                                         config.attribute_weights)
+        image, prompt, design = training_example_with_design(rng, config.design_fraction, config.partial_fraction,
+                                                             config.attribute_weights)
+        unconditional = rng.random() < config.uncond_fraction
+        # the img2img draw only when asked for, so the plain objective's data stream stays the shipped base's
+        img2img = design is not None and config.img2img_fraction > 0 and rng.random() < config.img2img_fraction
         images.append(image)
-        prompts.append(UNCOND if rng.random() < config.uncond_fraction else prompt)
-    return to_latent(torch.from_numpy(np.stack(images))), prompts
+        sources.append(design if img2img else image)
+        prompts.append(UNCOND if unconditional and not img2img else prompt)
+    x0 = to_latent(torch.from_numpy(np.stack(images)))
+    img2img = torch.tensor([s is not i for s, i in zip(sources, images)])
+    source = to_latent(torch.from_numpy(np.stack(sources))) if img2img.any() else x0
+    return Batch(x0, prompts, source, img2img)
 
 
-def step_batch(config: BaseTrainConfig, step: int) -> tuple[torch.Tensor, list[str]]:
+def step_batch(config: BaseTrainConfig, step: int) -> Batch:
     """The batch of ``step`` in the per-step data stream (``--workers``): drawn from its own seed
     (config.seed, step), so any number of processes can make the batches ahead of the training."""
     torch.set_num_threads(1)  # a worker process: one core each
@@ -181,7 +216,7 @@ class Batches:
     def stream(self) -> str:
         return "per_step" if self.workers else "sequential"
 
-    def get(self, step: int) -> tuple[torch.Tensor, list[str]]:
+    def get(self, step: int) -> Batch:
         if not self.workers:
             return make_batch(self.rng, self.config)
         if self.pool is None:
@@ -230,12 +265,34 @@ def sample_sigma(denoiser: TorchDenoiser, batch: int, generator: torch.Generator
     return denoiser.sigmas[index]
 
 
+def img2img_sigma(denoiser: TorchDenoiser, batch: int, generator: torch.Generator, exponent: float,
+                  min_t: int) -> torch.Tensor:
+    """sample_sigma's rule over the timesteps min_t..T-1 only: the img2img examples' noise levels."""
+    u = torch.rand(batch, generator=generator)
+    span = len(denoiser.sigmas) - min_t
+    index = (min_t + u ** exponent * span).long().clamp(max=len(denoiser.sigmas) - 1)
+    return denoiser.sigmas[index]
+
+
+def training_pair(config: BaseTrainConfig, batch: Batch, noise: torch.Tensor, sigma: torch.Tensor):
+    """(noisy input, target) of a batch: the diffusion objective's, x_t = x0 + sigma * noise; for
+    img2img examples x_t = source + sigma * noise with the target that denoises x_t to x0 (the
+    noise term the sigma form then implies is noise + (source - x0) / sigma)."""
+    x_t = add_noise(config.prediction, batch.source, noise, sigma)
+    if batch.source is batch.x0:  # no img2img example: exactly the plain objective's arithmetic
+        return x_t, target(config.prediction, batch.x0, noise, sigma)
+    implied = noise + (batch.source - batch.x0) / sigma.view(-1, *[1] * (noise.dim() - 1))
+    return x_t, target(config.prediction, batch.x0, implied, sigma)
+
+
 def config_json(config: BaseTrainConfig) -> str:
     """The config as the saved file records it. A field added after the shipped base leaves the
     record when it has its default, so files of the older options rebuild byte-identically."""
     record = asdict(config)
-    if not record["attribute_weights"]:
-        del record["attribute_weights"]
+    defaults = asdict(BaseTrainConfig())
+    for late in ("attribute_weights", "img2img_fraction", "img2img_min_t"):
+        if record[late] == defaults[late]:
+            del record[late]
     return json.dumps(record, sort_keys=True)
 
 
@@ -348,13 +405,17 @@ def train(config: BaseTrainConfig, minutes: float | None = None, log_every: int 
                                      running, batches.stream)
                     log.warning("the state is in %s; run the same command again to continue", checkpoint)
                 break
-            x0, prompts = batches.get(step)
+            batch = batches.get(step)
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            noise = torch.randn(x0.shape, generator=g).to(device)
-            sigma = sample_sigma(denoiser, x0.shape[0], g, config.timestep_exponent).to(device)
-            x0 = x0.to(device)
-            out = denoiser(add_noise(config.prediction, x0, noise, sigma), sigma, encoder.encode(prompts))
-            loss = diffusion_loss(out, target(config.prediction, x0, noise, sigma))
+            noise = torch.randn(batch.x0.shape, generator=g)
+            sigma = sample_sigma(denoiser, batch.x0.shape[0], g, config.timestep_exponent)
+            if config.img2img_fraction > 0:  # drawn only then: the plain objective's noise stream is the shipped one
+                sigma = torch.where(batch.img2img, img2img_sigma(denoiser, len(sigma), g, config.timestep_exponent,
+                                                                 config.img2img_min_t), sigma)
+            x_t, goal = training_pair(config, batch, noise, sigma)
+            sigma = sigma.to(device)
+            out = denoiser(x_t.to(device), sigma, encoder.encode(batch.prompts))
+            loss = diffusion_loss(out, goal.to(device))
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)
             optimizer.zero_grad(set_to_none=True)
@@ -400,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="draw the training techniques with this attribute word WEIGHT times as often "
                              "(repeatable; a technique's weight is the product of its words'), e.g. coarse=2; "
                              "default: uniform, as the shipped base")
+    parser.add_argument("--img2img-fraction", type=float, default=defaults.img2img_fraction,
+                        help="share of embroideries taught as img2img: the noisy input made from the flat design, "
+                             "the embroidery the target (0..1; timesteps >= %d only); default 0, the plain "
+                             "diffusion objective of the shipped base" % defaults.img2img_min_t)
     parser.add_argument("--prediction", default=defaults.prediction, choices=("eps", "v"))
     parser.add_argument("--workers", type=int, default=0,
                         help="0: draw the examples in this process from one generator (how the shipped base was "
@@ -422,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if not 0 <= args.partial_fraction <= 1:
         parser.error(f"--partial-fraction must be in 0..1, got {args.partial_fraction}")
+    if not 0 <= args.img2img_fraction <= 1:
+        parser.error(f"--img2img-fraction must be in 0..1, got {args.img2img_fraction}")
     try:
         attribute_weights = tuple(sorted(dict(parse_attribute_weight(a) for a in args.attribute_weight).items()))
     except ValueError as e:
@@ -442,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     config = BaseTrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, threads=args.threads,
                              prediction=args.prediction, learning_rate=args.learning_rate,
                              partial_fraction=args.partial_fraction, attribute_weights=attribute_weights,
+                             img2img_fraction=args.img2img_fraction,
                              init=init_digest(args.init) if args.init else "")
     before = read_metadata(args.init) if args.init else {}
     torch.set_num_threads(config.threads)
