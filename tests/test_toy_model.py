@@ -449,7 +449,8 @@ def test_img2img_examples_start_from_the_flat_design_and_are_trained_to_denoise_
     assert torch.equal(plain_goal[~rows], goal[~rows]) and not torch.allclose(plain_goal[rows], goal[rows])
     # a run with img2img examples records them; the default's record has no new field
     assert "img2img_fraction" not in json.loads(train_base.config_json(plain))
-    assert json.loads(train_base.config_json(config))["img2img_fraction"] == 0.5
+    record = json.loads(train_base.config_json(config))
+    assert record["img2img_fraction"] == 0.5 and record["img2img_min_t"] == config.img2img_min_t
     with pytest.raises(SystemExit):
         train_base.main(["--out", str(tmp_path / "x.safetensors"), "--img2img-fraction", "2", "--steps", "1"])
     assert "--img2img-fraction must be in 0..1" in capsys.readouterr().err

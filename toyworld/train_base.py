@@ -10,7 +10,9 @@ technique's four attribute words are its style words). The held-out combinations
 the new kind (NEW_KIND_TECHNIQUES) and the trigger word are never seen: the first must come from
 words the model knows, the others a one-shot LoRA has to add. The training techniques are drawn
 uniformly, or by ``--attribute-weight`` (``coarse=2``: every coarse technique twice as often as a
-fine one), a lever for cells the base learns slowest. SD's discrete schedule with
+fine one), a lever for cells the base learns slowest. ``--img2img-fraction`` teaches a share of the
+embroideries as img2img from their flat design (see BaseTrainConfig.img2img_fraction), the task the
+gate and the benchmark ask of the base. SD's discrete schedule with
 timesteps drawn towards the noisy end (``timestep_exponent``), the empty prompt for 10 % of
 examples so classifier-free guidance works; an EMA of the weights is what gets saved.
 
@@ -289,10 +291,10 @@ def config_json(config: BaseTrainConfig) -> str:
     """The config as the saved file records it. A field added after the shipped base leaves the
     record when it has its default, so files of the older options rebuild byte-identically."""
     record = asdict(config)
-    defaults = asdict(BaseTrainConfig())
-    for late in ("attribute_weights", "img2img_fraction", "img2img_min_t"):
-        if record[late] == defaults[late]:
-            del record[late]
+    if not record["attribute_weights"]:
+        del record["attribute_weights"]
+    if not record["img2img_fraction"]:  # its timestep floor is recorded whenever img2img examples are drawn
+        del record["img2img_fraction"], record["img2img_min_t"]
     return json.dumps(record, sort_keys=True)
 
 
