@@ -88,13 +88,30 @@ def test_gate_needs_every_training_and_held_out_technique():
 def test_base_check_has_a_row_per_technique_and_marks_the_held_out_ones():
     torch.set_num_threads(1)
     techniques = (TRAIN_TECHNIQUES[0], HELD_OUT[0], "chain horizontal fine matte")
-    table, accuracy = benchmark.base_check(1, strengths=(0.6,), techniques=techniques)
+    table, accuracy, misses = benchmark.base_check(1, strengths=(0.6,), techniques=techniques)
     table = table.splitlines()
     assert len(table) == 5 and table[0].count("@ 0.6") == 2
     assert table[2].startswith(f"| `{TRAIN_TECHNIQUES[0]}` |") and table[3].startswith(f"| `{HELD_OUT[0]}` (held out) |")
     assert table[4].startswith("| `chain horizontal fine matte` (new kind) |")
     score, hfrd_gt = (float(c) for c in table[2].strip("|").split("|")[1:])
     assert score == accuracy[TRAIN_TECHNIQUES[0]] and 0.0 <= score <= 1.0 and hfrd_gt >= 0.0
+    assert misses[0][1] == round(1 - score)  # one design, one training technique checked
+
+
+def test_base_check_counts_the_misread_training_techniques_per_new_design(monkeypatch):
+    # A classifier that reads every output as the first training technique: on each design the
+    # second training technique is a miss, the first is not, and the held-out one is not counted.
+    torch.set_num_threads(1)
+    monkeypatch.setattr(benchmark, "predict", lambda classifier, images: [TRAIN_TECHNIQUES[0]] * len(images))
+    techniques = (TRAIN_TECHNIQUES[0], TRAIN_TECHNIQUES[1], HELD_OUT[0])
+    check = benchmark.base_check(2, strengths=(0.6, 0.9), techniques=techniques,
+                                 config=benchmark.ToyRunConfig(sample_steps=2))
+    subjects = [t.subject for t in benchmark.demo.new_designs(2, TRAIN_TECHNIQUES[0], benchmark.BENCH_DESIGN_SEED)]
+    assert check.misses == ((subjects[0], 1), (subjects[1], 1))
+    assert check.accuracy == {TRAIN_TECHNIQUES[0]: 1.0, TRAIN_TECHNIQUES[1]: 0.0, HELD_OUT[0]: 0.0}
+    line = benchmark.misses_line(check.misses, 2)
+    assert line == f"Training techniques misread per new design (of 2, at strength 0.6): #0 {subjects[0]} 1, " \
+                   f"#1 {subjects[1]} 1."
 
 
 def test_round_trip_check_starts_from_the_renders_the_classifier_reads():
@@ -131,7 +148,7 @@ def test_cfg_reaches_the_gate_and_a_cfg_under_1_is_refused(monkeypatch, capsys):
 
     def no_work(designs, strengths, techniques, weights, round_trip, classifier, config):
         seen["cfg"] = config.cfg
-        return "| table |", {}
+        return benchmark.BaseCheck("| table |", {}, (("a red circle", 0),))
 
     monkeypatch.setattr(benchmark, "base_check", no_work)
     assert benchmark.main(["--base-check", "--cfg", "6"]) == 0

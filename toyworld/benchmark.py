@@ -11,7 +11,9 @@ finished in several.
 First the base-model gate (``gate``): no LoRA, every training technique and every held-out
 combination prompted by its own attribute words, img2img from the benchmark's new designs at its
 strength; it passes when the classifier reads >= GATE_TRAIN on every training technique and
->= GATE_HELD_OUT on every held-out one. Its verdict is printed with the table.
+>= GATE_HELD_OUT on every held-out one. Its verdict is printed with the table; ``--base-check``
+also prints how many training techniques were misread on each new design (misses_line), which
+tells misses spread over every design from misses held by a few hard ones.
 
 Then, for each held-out technique (an unseen combination of known attributes, HELD_OUT) and the
 new kind's hard case (NEW_KIND_CASE, reported separately), K references (renders of unseen
@@ -56,6 +58,7 @@ import os
 import platform
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -282,16 +285,33 @@ def run(refs: int, designs: int, seeds: int, techniques=BENCH_TECHNIQUES, config
 
 # --- the base model's own ceiling, and the gate ----------------------------------------------
 
+class BaseCheck(NamedTuple):
+    """What base_check measured: the markdown ``table``, the ``accuracy`` per technique at the
+    first strength, and ``misses``: per new design, (its subject, how many of the checked
+    training techniques the classifier misread on it at the first strength)."""
+
+    table: str
+    accuracy: dict[str, float]
+    misses: tuple[tuple[str, int], ...]
+
+
+def misses_line(misses: tuple[tuple[str, int], ...], trained: int, strength: float = GATE_STRENGTH) -> str:
+    """One line naming how often each new design's output was misread, so that a failed gate says
+    whether its misses are spread over the designs or held by a few of them."""
+    cells = ", ".join(f"#{i} {subject} {count}" for i, (subject, count) in enumerate(misses))
+    return f"Training techniques misread per new design (of {trained}, at strength {strength}): {cells}."
+
+
 def base_check(designs: int = GATE_DESIGNS, strengths=(GATE_STRENGTH,), techniques=TRAIN_TECHNIQUES + HELD_OUT,
                weights: str | None = None, round_trip: bool = False, classifier_weights: str | None = None,
-               config: ToyRunConfig | None = None) -> tuple[str, dict[str, float]]:
+               config: ToyRunConfig | None = None) -> BaseCheck:
     """How well the base model draws each technique by its own words, no LoRA, same protocol
     (img2img from the benchmark's new designs, "a <subject> in <technique> style"). For the
     training techniques this is the ceiling a one-shot LoRA builds on; for the held-out
     combinations it is the prior a LoRA only has to bind the trigger word to. Returns a markdown
-    table (technique accuracy and HFRD(gt), one row per technique, one column pair per strength)
-    and the accuracy per technique at the first strength. ``config``: the runs' sampler settings
-    (steps, CFG, eta; default ToyRunConfig()).
+    table (technique accuracy and HFRD(gt), one row per technique, one column pair per strength),
+    the accuracy per technique at the first strength and the misses per new design (BaseCheck).
+    ``config``: the runs' sampler settings (steps, CFG, eta; default ToyRunConfig()).
 
     ``round_trip``: start from the ground-truth renders of those designs instead, so the model
     only has to keep stitches it is shown, and add a first column with the classifier's accuracy
@@ -305,9 +325,10 @@ def base_check(designs: int = GATE_DESIGNS, strengths=(GATE_STRENGTH,), techniqu
     header = "| Technique | " + ("acc. of render | " if round_trip else "") \
         + " | ".join(f"acc. @ {s} | HFRD(gt) @ {s}" for s in strengths) + " |"
     lines = [header, "|---|" + ("---:|" if round_trip else "") + "---:|---:|" * len(strengths)]
-    accuracy = {}
+    accuracy, missed, subjects = {}, [0] * designs, []
     for technique in techniques:
         targets = demo.new_designs(designs, technique, BENCH_DESIGN_SEED)
+        subjects = subjects or [t.subject for t in targets]
         renders = torch.cat([t.embroidery for t in targets])
         start = renders if round_trip else torch.cat([t.design for t in targets])
         prompts = [embroidery_prompt(t.subject, technique) for t in targets]
@@ -316,11 +337,14 @@ def base_check(designs: int = GATE_DESIGNS, strengths=(GATE_STRENGTH,), techniqu
             out = generate(unet, encoder, prompts, config.sample_steps, config.cfg, 0, init_images=start,
                            strength=strength, eta=config.eta).numpy()
             hfrd_gt = np.mean([metrics.hfrd(o, t.embroidery[0].numpy()) for o, t in zip(out, targets)])
-            read = _accuracy(classifier, out, technique)
-            accuracy.setdefault(technique, read)  # the first strength's
+            predicted = predict(classifier, out)
+            read = float(np.mean([p == technique for p in predicted]))
+            if technique not in accuracy and technique in TRAIN_TECHNIQUES:  # the first strength's
+                missed = [m + (p != technique) for m, p in zip(missed, predicted)]
+            accuracy.setdefault(technique, read)
             cells += [f"{read:.2f}", f"{hfrd_gt:.1f}"]
         lines.append(f"| `{technique}`{_role(technique)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines), accuracy
+    return BaseCheck("\n".join(lines), accuracy, tuple(zip(subjects, missed)))
 
 
 def _accuracy(classifier, images, technique: str) -> float:
@@ -479,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="classifier-free guidance scale of the gate and of every run's sampling "
                              "(default %(default)s)")
     parser.add_argument("--base-check", action="store_true",
-                        help="only print the gate: how well the base model draws every technique by its own words")
+                        help="only print the gate: how well the base model draws every technique by its own words, "
+                             "how many training techniques each new design's outputs miss, and the verdict")
     parser.add_argument("--round-trip", action="store_true",
                         help="with --base-check: start from the ground-truth renders at low strengths, to see "
                              "whether the base model keeps stitches it is shown")
@@ -500,15 +525,17 @@ def main(argv: list[str] | None = None) -> int:
     gate_designs = min(args.gate_designs, 2) if args.quick else args.gate_designs
     if args.base_check:
         strengths = ROUND_TRIP_STRENGTHS if args.round_trip else (GATE_STRENGTH, 0.9)
-        table, accuracy = base_check(gate_designs, strengths, TRAIN_TECHNIQUES + HELD_OUT + NEW_KIND_TECHNIQUES,
-                                     args.weights, args.round_trip, args.classifier, config)
+        table, accuracy, misses = base_check(gate_designs, strengths,
+                                             TRAIN_TECHNIQUES + HELD_OUT + NEW_KIND_TECHNIQUES,
+                                             args.weights, args.round_trip, args.classifier, config)
         print(table)
         if not args.round_trip:
+            print("\n" + misses_line(misses, len(TRAIN_TECHNIQUES), strengths[0]))
             print("\n" + gate_verdict(accuracy, gate_designs, args.eta, args.cfg)[1])
         return 0
     start = time.monotonic()
-    gate_table, accuracy = base_check(gate_designs, (GATE_STRENGTH,), TRAIN_TECHNIQUES + HELD_OUT,
-                                      args.weights, classifier_weights=args.classifier, config=config)
+    gate_table, accuracy, _ = base_check(gate_designs, (GATE_STRENGTH,), TRAIN_TECHNIQUES + HELD_OUT,
+                                         args.weights, classifier_weights=args.classifier, config=config)
     passed, gate_line = gate_verdict(accuracy, gate_designs, args.eta, args.cfg)
     log.info(gate_line)
     runs, reused = run(args.refs, args.designs, args.seeds, techniques, config, args.weights, args.classifier,
