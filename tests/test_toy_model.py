@@ -1,7 +1,7 @@
 """The toy world's shipped models: base denoiser + text encoder, DDIM sampler, technique classifier."""
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -454,3 +454,16 @@ def test_img2img_examples_start_from_the_flat_design_and_are_trained_to_denoise_
     with pytest.raises(SystemExit):
         train_base.main(["--out", str(tmp_path / "x.safetensors"), "--img2img-fraction", "2", "--steps", "1"])
     assert "--img2img-fraction must be in 0..1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_base.main(["--out", str(tmp_path / "x.safetensors"), "--img2img-fraction", "0.5",
+                         "--img2img-min-t", "1000", "--steps", "1"])
+    assert "--img2img-min-t must be in 1..999" in capsys.readouterr().err
+    # another floor moves every img2img example's noise level above it, and is recorded
+    floor = train_base.img2img_sigma(denoiser, 256, torch.Generator().manual_seed(0), config.timestep_exponent, 600)
+    assert floor.min() >= denoiser.sigmas[600] - 1e-6 and floor.min() > sigma.min()
+    assert json.loads(train_base.config_json(replace(config, img2img_min_t=600)))["img2img_min_t"] == 600
+    path = str(tmp_path / "floor.safetensors")
+    assert train_base.main(["--out", path, "--steps", "1", "--batch", "2", "--img2img-fraction", "0.5",
+                            "--img2img-min-t", "600"]) == 0
+    with safetensors.safe_open(path, "pt") as f:
+        assert json.loads(f.metadata()["train_config"])["img2img_min_t"] == 600

@@ -12,7 +12,7 @@ words the model knows, the others a one-shot LoRA has to add. The training techn
 uniformly, or by ``--attribute-weight`` (``coarse=2``: every coarse technique twice as often as a
 fine one), a lever for cells the base learns slowest. ``--img2img-fraction`` teaches a share of the
 embroideries as img2img from their flat design (see BaseTrainConfig.img2img_fraction), the task the
-gate and the benchmark ask of the base. SD's discrete schedule with
+gate and the benchmark ask of the base, at timesteps from ``--img2img-min-t`` (300) up. SD's discrete schedule with
 timesteps drawn towards the noisy end (``timestep_exponent``), the empty prompt for 10 % of
 examples so classifier-free guidance works; an EMA of the weights is what gets saved.
 
@@ -467,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of embroideries taught as img2img: the noisy input made from the flat design, "
                              "the embroidery the target (0..1; timesteps >= %d only); default 0, the plain "
                              "diffusion objective of the shipped base" % defaults.img2img_min_t)
+    parser.add_argument("--img2img-min-t", type=int, default=defaults.img2img_min_t,
+                        help="with --img2img-fraction: the lowest timestep of an img2img example (1..999; "
+                             "default %(default)s; the gate starts at strength 0.6, timestep 600)")
     parser.add_argument("--prediction", default=defaults.prediction, choices=("eps", "v"))
     parser.add_argument("--workers", type=int, default=0,
                         help="0: draw the examples in this process from one generator (how the shipped base was "
@@ -491,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--partial-fraction must be in 0..1, got {args.partial_fraction}")
     if not 0 <= args.img2img_fraction <= 1:
         parser.error(f"--img2img-fraction must be in 0..1, got {args.img2img_fraction}")
+    if not 1 <= args.img2img_min_t <= 999:
+        parser.error(f"--img2img-min-t must be in 1..999 (a timestep of the 1000-step schedule), "
+                     f"got {args.img2img_min_t}")
     try:
         attribute_weights = tuple(sorted(dict(parse_attribute_weight(a) for a in args.attribute_weight).items()))
     except ValueError as e:
@@ -511,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     config = BaseTrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, threads=args.threads,
                              prediction=args.prediction, learning_rate=args.learning_rate,
                              partial_fraction=args.partial_fraction, attribute_weights=attribute_weights,
-                             img2img_fraction=args.img2img_fraction,
+                             img2img_fraction=args.img2img_fraction, img2img_min_t=args.img2img_min_t,
                              init=init_digest(args.init) if args.init else "")
     before = read_metadata(args.init) if args.init else {}
     torch.set_num_threads(config.threads)
