@@ -415,6 +415,32 @@ def test_attribute_weights_draw_the_weighted_techniques_more_often_and_leave_the
     assert json.loads(train_base.config_json(weighted))["attribute_weights"] == [["coarse", 2.0]]
 
 
+def test_balanced_geometry_draws_every_kind_direction_spacing_equally_often():
+    import numpy as np
+
+    from toyworld.generator import HELD_OUT, TRAIN_TECHNIQUES
+
+    p = train_base.technique_probabilities((), balance_geometry=True)
+    geometries = sorted({train_base.geometry(t) for t in TRAIN_TECHNIQUES})
+    assert len(geometries) == 16
+    per_geometry = {g: p[[train_base.geometry(t) == g for t in TRAIN_TECHNIQUES]].sum() for g in geometries}
+    assert np.allclose(list(per_geometry.values()), 1 / 16)
+    # the lonely cells are the held-out combinations' sheen twins, drawn twice as often as the rest
+    twins = {train_base.geometry(h) + (" matte" if h.endswith("metallic") else " metallic") for h in HELD_OUT}
+    lonely = np.array([t in twins for t in TRAIN_TECHNIQUES])
+    assert lonely.sum() == 4 and np.allclose(p[lonely], 2 / 32) and np.allclose(p[~lonely], 1 / 32)
+    # it composes with word weights, and a run without it keeps the uniform draw and its record
+    both = train_base.technique_probabilities((("coarse", 2.0),), balance_geometry=True)
+    i, j = TRAIN_TECHNIQUES.index("cross horizontal coarse matte"), TRAIN_TECHNIQUES.index("cross horizontal fine matte")
+    assert np.isclose(both[i] / both[j], 4.0)
+    rng = np.random.default_rng(0)
+    drawn = [train_base.training_example(rng, 0.0, 0.0, (), True)[1] for _ in range(1000)]
+    lonely_share = np.mean([d.rsplit(" in ", 1)[1][:-len(" style")] in twins for d in drawn])
+    assert 0.2 < lonely_share < 0.3  # 8 / 32 expected; a uniform draw gives 4 / 28
+    assert "balance_geometry" not in json.loads(train_base.config_json(train_base.BaseTrainConfig()))
+    assert json.loads(train_base.config_json(train_base.BaseTrainConfig(balance_geometry=True)))["balance_geometry"]
+
+
 def test_img2img_examples_start_from_the_flat_design_and_are_trained_to_denoise_to_its_embroidery(tmp_path, capsys):
     from embroidery_core.diffusion import TorchDenoiser, denoised
 

@@ -10,7 +10,8 @@ technique's four attribute words are its style words). The held-out combinations
 the new kind (NEW_KIND_TECHNIQUES) and the trigger word are never seen: the first must come from
 words the model knows, the others a one-shot LoRA has to add. The training techniques are drawn
 uniformly, or by ``--attribute-weight`` (``coarse=2``: every coarse technique twice as often as a
-fine one), a lever for cells the base learns slowest. ``--img2img-fraction`` teaches a share of the
+fine one) and ``--balance-geometry`` (every kind-direction-spacing geometry equally often), levers
+for cells the base learns slowest. ``--img2img-fraction`` teaches a share of the
 embroideries as img2img from their flat design (see BaseTrainConfig.img2img_fraction), the task the
 gate and the benchmark ask of the base, at timesteps from ``--img2img-min-t`` (300) up. SD's discrete schedule with
 timesteps drawn towards the noisy end (``timestep_exponent``), the empty prompt for 10 % of
@@ -87,6 +88,12 @@ class BaseTrainConfig:
     # weights (unnamed words weigh 1), e.g. (("coarse", 2.0),) draws every coarse technique twice as
     # often as a fine one. Empty: uniform, the draw the shipped base was trained with.
     attribute_weights: tuple = ()
+    # Draw the 16 stitch geometries (kind, direction, spacing) equally often: each training
+    # technique's weight is divided by how many training techniques share its geometry. Four
+    # geometries are trained in one sheen only (their other sheen is a held-out combination), so
+    # a uniform draw shows them half as often as the other twelve, and those four cells are the
+    # gate's weakest (docs/FIDELITY.md, round 7). False: the shipped base's draw.
+    balance_geometry: bool = False
     # Share of embroideries taught as SDEdit's task: the noisy input is made from the flat design,
     # the target is still its embroidery (the x0 the network's output must denoise to), at
     # timesteps >= img2img_min_t only (below it the flat-to-stitched difference over sigma grows
@@ -124,9 +131,16 @@ def partial_words(technique: str, mask: int) -> str:
     return " ".join(w for i, w in enumerate(technique.split()) if mask >> i & 1)
 
 
-def technique_probabilities(attribute_weights) -> np.ndarray:
+def geometry(technique: str) -> str:
+    """A technique's stitch geometry, its words but the sheen: "knot vertical fine metallic" ->
+    "knot vertical fine" (the sheen is a lustre laid over the same stitches)."""
+    return technique.rsplit(" ", 1)[0]
+
+
+def technique_probabilities(attribute_weights, balance_geometry: bool = False) -> np.ndarray:
     """The draw probability of each of TRAIN_TECHNIQUES: the product of its attribute words'
-    weights from ``attribute_weights`` ((word, weight) pairs; other words weigh 1), normalised."""
+    weights from ``attribute_weights`` ((word, weight) pairs; other words weigh 1), divided by the
+    number of training techniques of its geometry when ``balance_geometry``, normalised."""
     weights = dict(attribute_weights)
     known = set(sum(ATTRIBUTES, ()))
     for word, weight in weights.items():
@@ -135,28 +149,34 @@ def technique_probabilities(attribute_weights) -> np.ndarray:
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"attribute weight for {word!r} must be a positive number, got {weight}")
     p = np.array([math.prod(weights.get(w, 1.0) for w in t.split()) for t in TRAIN_TECHNIQUES])
+    if balance_geometry:
+        shared = [sum(geometry(u) == geometry(t) for u in TRAIN_TECHNIQUES) for t in TRAIN_TECHNIQUES]
+        p = p / np.array(shared)
     return p / p.sum()
 
 
 def training_example(rng: np.random.Generator, design_fraction: float,
-                     partial_fraction: float = 0.0, attribute_weights=()) -> tuple[np.ndarray, str]:
+                     partial_fraction: float = 0.0, attribute_weights=(), balance_geometry: bool = False
+                     ) -> tuple[np.ndarray, str]:
     """One (image, prompt): a design or its embroidery in a training technique (drawn uniformly, or
-    by ``attribute_weights``, see BaseTrainConfig), named by all its attribute words or
-    (``partial_fraction`` of embroideries) by a random proper subset of them."""
-    image, prompt, _ = training_example_with_design(rng, design_fraction, partial_fraction, attribute_weights)
+    by ``attribute_weights`` and ``balance_geometry``, see BaseTrainConfig), named by all its
+    attribute words or (``partial_fraction`` of embroideries) by a random proper subset of them."""
+    image, prompt, _ = training_example_with_design(rng, design_fraction, partial_fraction, attribute_weights,
+                                                    balance_geometry)
     return image, prompt
 
 
 def training_example_with_design(rng: np.random.Generator, design_fraction: float, partial_fraction: float = 0.0,
-                                 attribute_weights=()) -> tuple[np.ndarray, str, np.ndarray | None]:
+                                 attribute_weights=(), balance_geometry: bool = False
+                                 ) -> tuple[np.ndarray, str, np.ndarray | None]:
     """training_example, and the flat design an embroidery was rendered from (None for a design)."""
     design_seed = int(rng.integers(TRAIN_DESIGN_SEEDS))
     design = make_design(design_seed, IMAGE_SIZE)
     prompt = "a " + " ".join(design.words)
     if rng.random() < design_fraction:
         return design.image, prompt, None
-    if attribute_weights:
-        technique = str(rng.choice(TRAIN_TECHNIQUES, p=technique_probabilities(attribute_weights)))
+    if attribute_weights or balance_geometry:
+        technique = str(rng.choice(TRAIN_TECHNIQUES, p=technique_probabilities(attribute_weights, balance_geometry)))
     else:  # the uniform draw keeps its own call: the shipped base's data stream depends on it
         technique = str(rng.choice(TRAIN_TECHNIQUES))
     image, _ = render_embroidery(design, technique, int(rng.integers(2 ** 31)))
@@ -181,7 +201,7 @@ def make_batch(rng: np.random.Generator, config: BaseTrainConfig) -> Batch:
     images, sources, prompts = [], [], []
     for _ in range(config.batch):
         image, prompt, design = training_example_with_design(rng, config.design_fraction, config.partial_fraction,
-                                                             config.attribute_weights)
+                                                             config.attribute_weights, config.balance_geometry)
         unconditional = rng.random() < config.uncond_fraction
         # the img2img draw only when asked for, so the plain objective's data stream stays the shipped base's
         img2img = design is not None and config.img2img_fraction > 0 and rng.random() < config.img2img_fraction
@@ -293,6 +313,8 @@ def config_json(config: BaseTrainConfig) -> str:
     record = asdict(config)
     if not record["attribute_weights"]:
         del record["attribute_weights"]
+    if not record["balance_geometry"]:
+        del record["balance_geometry"]
     if not record["img2img_fraction"]:  # its timestep floor is recorded whenever img2img examples are drawn
         del record["img2img_fraction"], record["img2img_min_t"]
     return json.dumps(record, sort_keys=True)
@@ -463,6 +485,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="draw the training techniques with this attribute word WEIGHT times as often "
                              "(repeatable; a technique's weight is the product of its words'), e.g. coarse=2; "
                              "default: uniform, as the shipped base")
+    parser.add_argument("--balance-geometry", action="store_true",
+                        help="draw the 16 stitch geometries (kind, direction, spacing) equally often: the four "
+                             "trained in one sheen only are drawn twice as often as each other technique; "
+                             "default: uniform over the techniques, as the shipped base")
     parser.add_argument("--img2img-fraction", type=float, default=defaults.img2img_fraction,
                         help="share of embroideries taught as img2img: the noisy input made from the flat design, "
                              "the embroidery the target (0..1; timesteps >= %d only); default 0, the plain "
@@ -517,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     config = BaseTrainConfig(seed=args.seed, steps=args.steps, batch=args.batch, threads=args.threads,
                              prediction=args.prediction, learning_rate=args.learning_rate,
                              partial_fraction=args.partial_fraction, attribute_weights=attribute_weights,
+                             balance_geometry=args.balance_geometry,
                              img2img_fraction=args.img2img_fraction, img2img_min_t=args.img2img_min_t,
                              init=init_digest(args.init) if args.init else "")
     before = read_metadata(args.init) if args.init else {}
