@@ -155,6 +155,42 @@ def test_cfg_reaches_the_gate_and_a_cfg_under_1_is_refused(monkeypatch, capsys):
     assert seen["cfg"] == 6.0 and "CFG 6, no LoRA" in capsys.readouterr().out
 
 
+def test_the_motif_rule_keeps_designs_that_hold_ten_coarse_stitches_and_reaches_the_gate(monkeypatch, capsys):
+    from toyworld.demo import design_seeds, new_designs
+    from toyworld.generator import DESIGN_COLOURS, make_design, motif_cells
+
+    design = make_design(benchmark.BENCH_DESIGN_SEED, 64, DESIGN_COLOURS)
+    assert motif_cells(design) == (design.labels > 0).sum() / 64  # an 8 x 8 px coarse cell at 64 px
+    start = benchmark.BENCH_DESIGN_SEED
+    assert design_seeds(12, start, DESIGN_COLOURS) == list(range(start, start + 12))  # no rule: as before
+    kept = design_seeds(12, start, DESIGN_COLOURS, 10.0)
+    cells = {s: motif_cells(make_design(s, 64, DESIGN_COLOURS)) for s in range(start, kept[-1] + 1)}
+    assert kept == [s for s, c in cells.items() if c >= 10.0]  # the first twelve that hold it, in order
+    assert min(cells.values()) < 10.0  # the rule drops some of the gate's old designs
+    assert [t.subject for t in new_designs(2, TRAIN_TECHNIQUES[0], start, 10.0)] == \
+        [" ".join(make_design(s, 64, DESIGN_COLOURS).words) for s in kept[:2]]
+    assert benchmark.reference_seed(HELD_OUT[0], 1) == benchmark.BENCH_REFERENCE_SEED + 1000 * \
+        benchmark.TECHNIQUES.index(HELD_OUT[0]) + 1  # without the rule, the old references
+    with pytest.raises(ValueError, match="coarse cells of motif"):
+        design_seeds(2, start, DESIGN_COLOURS, 60.0)  # more than a 64 px image holds
+    good = {t: 1.0 for t in TRAIN_TECHNIQUES + HELD_OUT}
+    assert "of >= 10 coarse cells of motif" in benchmark.gate_verdict(good, min_cells=10.0)[1]
+    assert "every design, no motif rule" in benchmark.gate_verdict(good)[1]
+    for bad in ("-1", "25"):
+        with pytest.raises(SystemExit):
+            benchmark.main(["--base-check", "--min-motif-cells", bad])
+        assert "--min-motif-cells must be in 0..20" in capsys.readouterr().err
+    seen = {}
+
+    def no_work(designs, strengths, techniques, weights, round_trip, classifier, config):
+        seen["cells"] = config.min_motif_cells
+        return benchmark.BaseCheck("| table |", {}, (("a red circle", 0),))
+
+    monkeypatch.setattr(benchmark, "base_check", no_work)
+    assert benchmark.main(["--base-check"]) == 0  # the CLI's gate takes the benchmark's rule
+    assert seen["cells"] == benchmark.BENCH_MIN_MOTIF_CELLS == 10.0 and "of >= 10 coarse cells" in capsys.readouterr().out
+
+
 def test_an_unknown_technique_is_refused():
     with pytest.raises(SystemExit):
         benchmark.main(["--techniques", "satin horizontal fine matte"])  # a training technique, not held out

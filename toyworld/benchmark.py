@@ -15,6 +15,9 @@ strength; it passes when the classifier reads >= GATE_TRAIN on every training te
 also prints how many training techniques were misread on each new design (misses_line), which
 tells misses spread over every design from misses held by a few hard ones.
 
+The references and new designs hold at least BENCH_MIN_MOTIF_CELLS coarse stitch cells of motif
+(``--min-motif-cells``; 0 gives back every design, the gate of the rounds before the rule).
+
 Then, for each held-out technique (an unseen combination of known attributes, HELD_OUT) and the
 new kind's hard case (NEW_KIND_CASE, reported separately), K references (renders of unseen
 designs in the reference-only colours) x S seeds: every method learns the style from the one
@@ -73,12 +76,18 @@ from embroidery_core.stylegallery import StylizeConfig
 from . import demo, gallery
 from .classifier import load_classifier, predict
 from .demo import ARCH, METRIC_KEYS, STAGE2_SUBJECTS, ToyRunConfig
-from .generator import HELD_OUT, NEW_KIND_TECHNIQUES, TECHNIQUES, TRAIN_TECHNIQUES
+from .generator import HELD_OUT, NEW_KIND_TECHNIQUES, REFERENCE_COLOURS, TECHNIQUES, TRAIN_TECHNIQUES
 from .model import load_toy_model, toy_denoiser
 from .sample import diffstyled, generate, style_guided
 
 BENCH_REFERENCE_SEED = 4_000_000  # + 1000 x technique index + reference index
 BENCH_DESIGN_SEED = 4_500_000
+# The benchmark's references and new designs hold at least ten coarse stitches' area of motif
+# (640 px of 4096 at 64 px, 15.6 %; generator.motif_cells): fixed before round 7's gate, from
+# round 5's misses, which sat on designs too small to hold a technique (docs/FIDELITY.md).
+# --min-motif-cells 0 gives back every design, the gate of rounds 1-6.
+BENCH_MIN_MOTIF_CELLS = 10.0
+MAX_MOTIF_CELLS = 20.0  # a design's motifs cover at most about 40 % of the image
 NEW_KIND_CASE = NEW_KIND_TECHNIQUES[0]  # "chain horizontal fine matte"
 BENCH_TECHNIQUES = HELD_OUT + (NEW_KIND_CASE,)
 METHODS = ("emolora", "emolora_stage1", "blora", "full_lora", "pair_customization", "diffstyler", "stylegallery",
@@ -230,6 +239,13 @@ def stored_run(runs_dir: str | None, identity: dict) -> dict | None:
     return stored["result"]
 
 
+def reference_seed(technique: str, k: int, min_cells: float = 0.0) -> int:
+    """The design seed of ``technique``'s reference ``k``: the k-th from BENCH_REFERENCE_SEED + 1000 x
+    the technique's index on whose design holds ``min_cells`` coarse cells of motif."""
+    start = BENCH_REFERENCE_SEED + 1000 * TECHNIQUES.index(technique)
+    return demo.design_seeds(k + 1, start, REFERENCE_COLOURS, min_cells)[k]
+
+
 def _run_task(task) -> dict:
     """One (technique, reference, seed) run, with the models loaded once per process; with a
     runs folder, its result is written there (atomically) as soon as it is done."""
@@ -240,10 +256,10 @@ def _run_task(task) -> dict:
         torch.set_num_threads(threads)
         _WORKER.update(key=key, models=load_toy_model(weights), classifier=load_classifier(classifier_weights))
     (unet, encoder), classifier = _WORKER["models"], _WORKER["classifier"]
-    targets = demo.new_designs(designs, technique, BENCH_DESIGN_SEED)
+    targets = demo.new_designs(designs, technique, BENCH_DESIGN_SEED, config.min_motif_cells)
     tick = time.monotonic()
-    result = run_one(unet, encoder, classifier, technique,
-                     BENCH_REFERENCE_SEED + 1000 * TECHNIQUES.index(technique) + k, seed, targets, config)
+    result = run_one(unet, encoder, classifier, technique, reference_seed(technique, k, config.min_motif_cells),
+                     seed, targets, config)
     log.info("%s ref %d seed %d in %.0f s: %s", technique, k, seed, time.monotonic() - tick,
              "; ".join(f"{m} acc {result[m]['technique_accuracy']:.2f} leak {result[m]['palette_leak']:.1f}"
                        for m in METHODS[:-2]))
@@ -311,7 +327,8 @@ def base_check(designs: int = GATE_DESIGNS, strengths=(GATE_STRENGTH,), techniqu
     combinations it is the prior a LoRA only has to bind the trigger word to. Returns a markdown
     table (technique accuracy and HFRD(gt), one row per technique, one column pair per strength),
     the accuracy per technique at the first strength and the misses per new design (BaseCheck).
-    ``config``: the runs' sampler settings (steps, CFG, eta; default ToyRunConfig()).
+    ``config``: the runs' sampler settings (steps, CFG, eta) and the new designs' minimum motif
+    (min_motif_cells); default ToyRunConfig(), every design.
 
     ``round_trip``: start from the ground-truth renders of those designs instead, so the model
     only has to keep stitches it is shown, and add a first column with the classifier's accuracy
@@ -327,7 +344,7 @@ def base_check(designs: int = GATE_DESIGNS, strengths=(GATE_STRENGTH,), techniqu
     lines = [header, "|---|" + ("---:|" if round_trip else "") + "---:|---:|" * len(strengths)]
     accuracy, missed, subjects = {}, [0] * designs, []
     for technique in techniques:
-        targets = demo.new_designs(designs, technique, BENCH_DESIGN_SEED)
+        targets = demo.new_designs(designs, technique, BENCH_DESIGN_SEED, config.min_motif_cells)
         subjects = subjects or [t.subject for t in targets]
         renders = torch.cat([t.embroidery for t in targets])
         start = renders if round_trip else torch.cat([t.design for t in targets])
@@ -356,7 +373,7 @@ def _role(technique: str) -> str:
 
 
 def gate_verdict(accuracy: dict[str, float], designs: int = GATE_DESIGNS, eta: float = 0.0,
-                 cfg: float = ToyRunConfig.cfg) -> tuple[bool, str]:
+                 cfg: float = ToyRunConfig.cfg, min_cells: float = 0.0) -> tuple[bool, str]:
     """The gate on base_check's accuracies from ``designs`` new designs each: every training
     technique >= GATE_TRAIN, every held-out combination >= GATE_HELD_OUT (techniques not measured
     fail it), on at least GATE_DESIGNS designs (fewer is a smoke run, never a pass)."""
@@ -367,7 +384,9 @@ def gate_verdict(accuracy: dict[str, float], designs: int = GATE_DESIGNS, eta: f
     return passed, (f"Base-model gate {'PASSED' if passed else 'FAILED'}: lowest accuracy {min(train):.2f} over the "
                     f"{len(train)} training techniques (needs >= {GATE_TRAIN}), {min(held):.2f} over the "
                     f"{len(held)} held-out combinations named by their words (needs >= {GATE_HELD_OUT}); "
-                    f"img2img from {designs} new designs{few} at strength {GATE_STRENGTH}, "
+                    f"img2img from {designs} new designs{few}"
+                    + (f" of >= {min_cells:g} coarse cells of motif" if min_cells else " (every design, no motif rule)")
+                    + f" at strength {GATE_STRENGTH}, "
                     f"{f'ancestral sampling (eta {eta:g})' if eta else 'DDIM'}, CFG {cfg:g}, no LoRA.")
 
 
@@ -441,7 +460,9 @@ def results_block(runs: list[dict], args, minutes: float, gate_table: str, gate_
     techniques = [t for t in BENCH_TECHNIQUES if any(r["technique"] == t for r in runs)]
     command = (f"python -m toyworld.benchmark --refs {args.refs} --designs {args.designs} --seeds {args.seeds}"
                + (f" --techniques '{args.techniques}'" if args.techniques != ",".join(BENCH_TECHNIQUES) else "")
-               + (" --quick" if args.quick else "") + (f" --weights {args.weights}" if args.weights else ""))
+               + (" --quick" if args.quick else "") + (f" --weights {args.weights}" if args.weights else "")
+               + (f" --min-motif-cells {args.min_motif_cells:g}"
+                  if args.min_motif_cells != BENCH_MIN_MOTIF_CELLS else ""))
     parts = [RESULTS_START, "",
              f"- Command: `{command}`",
              f"- Date: {datetime.date.today().isoformat()}; commit: `{git_commit()['commit'] or 'unknown'}` (plus the "
@@ -502,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg", type=float, default=ToyRunConfig().cfg,
                         help="classifier-free guidance scale of the gate and of every run's sampling "
                              "(default %(default)s)")
+    parser.add_argument("--min-motif-cells", type=float, default=BENCH_MIN_MOTIF_CELLS,
+                        help="references and new designs hold at least this much motif, in coarse stitch cells "
+                             "(default %(default)g, 15.6 %% of the image; 0: every design, the gate of rounds 1-6)")
     parser.add_argument("--base-check", action="store_true",
                         help="only print the gate: how well the base model draws every technique by its own words, "
                              "how many training techniques each new design's outputs miss, and the verdict")
@@ -521,7 +545,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--eta must be >= 0, got {args.eta}")
     if not args.cfg >= 1:
         parser.error(f"--cfg must be >= 1 (1: the prompt's prediction alone, no guidance), got {args.cfg}")
-    config = ToyRunConfig(**(demo.QUICK if args.quick else {}), eta=args.eta, cfg=args.cfg)
+    if not 0 <= args.min_motif_cells <= MAX_MOTIF_CELLS:
+        parser.error(f"--min-motif-cells must be in 0..{MAX_MOTIF_CELLS:g} (a design holds at most about 25), "
+                     f"got {args.min_motif_cells}")
+    config = ToyRunConfig(**(demo.QUICK if args.quick else {}), eta=args.eta, cfg=args.cfg,
+                          min_motif_cells=args.min_motif_cells)
     gate_designs = min(args.gate_designs, 2) if args.quick else args.gate_designs
     if args.base_check:
         strengths = ROUND_TRIP_STRENGTHS if args.round_trip else (GATE_STRENGTH, 0.9)
@@ -531,12 +559,12 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         if not args.round_trip:
             print("\n" + misses_line(misses, len(TRAIN_TECHNIQUES), strengths[0]))
-            print("\n" + gate_verdict(accuracy, gate_designs, args.eta, args.cfg)[1])
+            print("\n" + gate_verdict(accuracy, gate_designs, args.eta, args.cfg, args.min_motif_cells)[1])
         return 0
     start = time.monotonic()
     gate_table, accuracy, _ = base_check(gate_designs, (GATE_STRENGTH,), TRAIN_TECHNIQUES + HELD_OUT,
                                          args.weights, classifier_weights=args.classifier, config=config)
-    passed, gate_line = gate_verdict(accuracy, gate_designs, args.eta, args.cfg)
+    passed, gate_line = gate_verdict(accuracy, gate_designs, args.eta, args.cfg, args.min_motif_cells)
     log.info(gate_line)
     runs, reused = run(args.refs, args.designs, args.seeds, techniques, config, args.weights, args.classifier,
                        args.jobs, args.runs_dir)

@@ -45,8 +45,9 @@ from embroidery_core.pair import design_prompt, embroidery_prompt
 from embroidery_core import keys
 from embroidery_core.methods import EMOLORA, EmoLoRAConfig, train_emolora
 from embroidery_core.trainer import PairLatents, Trainer, export, load_optimizer_state, resume_point, run_phase
-from .generator import ATTRIBUTES, DESIGN_COLOURS, HELD_OUT, PALETTE, REFERENCE_COLOURS, TRIGGER, sample_pair
-from .model import load_toy_model, to_latent, toy_denoiser
+from .generator import (ATTRIBUTES, DESIGN_COLOURS, HELD_OUT, PALETTE, REFERENCE_COLOURS, TRIGGER, make_design,
+                        motif_cells, sample_pair)
+from .model import IMAGE_SIZE, load_toy_model, to_latent, toy_denoiser
 from .sample import generate
 
 log = logging.getLogger("toyworld.demo")
@@ -85,6 +86,10 @@ class ToyRunConfig:
     strength: float = 0.6  # img2img strength from the design at inference
     eta: float = 0.0  # 0: deterministic DDIM; > 0: ancestral steps (toyworld.sample), inference and stage 2's pairs
     new_designs: int = 6
+    # The references and new designs hold at least this much motif, in coarse stitch cells
+    # (generator.motif_cells; 0: every design). The benchmark's rule (benchmark.BENCH_MIN_MOTIF_CELLS),
+    # see docs/FIDELITY.md; the demo keeps every design.
+    min_motif_cells: float = 0.0
     stylegallery_preset: str = "standard"  # the benchmark's training-free row: "standard" or "fast"
 
     def emolora(self) -> EmoLoRAConfig:
@@ -216,9 +221,29 @@ def train_stage2(unet, pair: PairLatents, stage1: StyleLoRA, generated: list[Pai
 
 # --- evaluation ------------------------------------------------------------------------------
 
-def new_designs(count: int, technique: str, start: int = NEW_DESIGN_SEED) -> list[Example]:
-    """``count`` new designs, never in the reference-only colours, with their ground truth."""
-    return [make_example(technique, start + i, DESIGN_COLOURS) for i in range(count)]
+MOTIF_SEARCH = 100  # design_seeds gives up after this many seeds per design asked for
+
+
+def design_seeds(count: int, start: int, colours: tuple[str, ...], min_cells: float = 0.0) -> list[int]:
+    """The first ``count`` seeds from ``start`` on whose design in ``colours`` holds at least
+    ``min_cells`` coarse stitch cells of motif (generator.motif_cells); with 0, start .. start + count - 1."""
+    if not min_cells:
+        return list(range(start, start + count))
+    seeds, seed = [], start
+    while len(seeds) < count:
+        if seed - start >= MOTIF_SEARCH * count:
+            raise ValueError(f"only {len(seeds)} of {MOTIF_SEARCH * count} designs hold {min_cells:g} coarse cells "
+                             f"of motif; ask for fewer (a design covers at most about 25)")
+        if motif_cells(make_design(seed, IMAGE_SIZE, colours)) >= min_cells:
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
+def new_designs(count: int, technique: str, start: int = NEW_DESIGN_SEED, min_cells: float = 0.0) -> list[Example]:
+    """``count`` new designs, never in the reference-only colours, with their ground truth; with
+    ``min_cells``, only designs holding that many coarse stitch cells of motif (design_seeds)."""
+    return [make_example(technique, s, DESIGN_COLOURS) for s in design_seeds(count, start, DESIGN_COLOURS, min_cells)]
 
 
 def palette_leak(image: np.ndarray, mask: np.ndarray, leaked: tuple[str, ...]) -> float:

@@ -247,6 +247,13 @@ def make_design(seed: int, size: int = 64, colours: tuple[str, ...] | None = Non
     return Design(region_rgb[labels], labels, words, fabric, region_rgb)
 
 
+def motif_cells(design: Design) -> float:
+    """The design's motif area in coarse stitch cells (SPACINGS["coarse"] px square at 64 px, and
+    scaled with the side): how many of the largest stitches its regions can hold."""
+    side = SPACINGS["coarse"] * min(design.labels.shape) / BASE_SIDE
+    return float((design.labels > 0).sum() / side ** 2)
+
+
 # --- texture helpers -------------------------------------------------------------------------
 
 def _hash01(a, b=0, salt: int = 0) -> np.ndarray:
