@@ -146,7 +146,7 @@ def test_cfg_reaches_the_gate_and_a_cfg_under_1_is_refused(monkeypatch, capsys):
     assert "--cfg must be >= 1" in capsys.readouterr().err
     seen = {}
 
-    def no_work(designs, strengths, techniques, weights, round_trip, classifier, config):
+    def no_work(designs, strengths, techniques, weights, round_trip, classifier, config, design_seed):
         seen["cfg"] = config.cfg
         return benchmark.BaseCheck("| table |", {}, (("a red circle", 0),))
 
@@ -182,13 +182,21 @@ def test_the_motif_rule_keeps_designs_that_hold_ten_coarse_stitches_and_reaches_
         assert "--min-motif-cells must be in 0..20" in capsys.readouterr().err
     seen = {}
 
-    def no_work(designs, strengths, techniques, weights, round_trip, classifier, config):
-        seen["cells"] = config.min_motif_cells
+    def no_work(designs, strengths, techniques, weights, round_trip, classifier, config, design_seed):
+        seen.update(cells=config.min_motif_cells, seed=design_seed)
         return benchmark.BaseCheck("| table |", {}, (("a red circle", 0),))
 
     monkeypatch.setattr(benchmark, "base_check", no_work)
-    assert benchmark.main(["--base-check"]) == 0  # the CLI's gate takes the benchmark's rule
+    assert benchmark.main(["--base-check"]) == 0  # the CLI's gate takes the benchmark's rule and designs
     assert seen["cells"] == benchmark.BENCH_MIN_MOTIF_CELLS == 10.0 and "of >= 10 coarse cells" in capsys.readouterr().out
+    assert seen["seed"] == benchmark.BENCH_DESIGN_SEED
+    assert benchmark.main(["--base-check", "--gate-seed", "4600000", "--min-motif-cells", "0"]) == 0
+    assert seen == {"cells": 0.0, "seed": 4_600_000} and "every design, no motif rule" in capsys.readouterr().out
+    for bad, message in ((["--base-check", "--gate-seed", "5"], "the base's training designs"),
+                         (["--gate-seed", "4600000"], "only applies to --base-check")):
+        with pytest.raises(SystemExit):
+            benchmark.main(bad)
+        assert message in capsys.readouterr().err
 
 
 def test_an_unknown_technique_is_refused():

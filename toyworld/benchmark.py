@@ -78,6 +78,7 @@ from .classifier import load_classifier, predict
 from .demo import ARCH, METRIC_KEYS, STAGE2_SUBJECTS, ToyRunConfig
 from .generator import HELD_OUT, NEW_KIND_TECHNIQUES, REFERENCE_COLOURS, TECHNIQUES, TRAIN_TECHNIQUES
 from .model import load_toy_model, toy_denoiser
+from .train_base import TRAIN_DESIGN_SEEDS
 from .sample import diffstyled, generate, style_guided
 
 BENCH_REFERENCE_SEED = 4_000_000  # + 1000 x technique index + reference index
@@ -320,7 +321,7 @@ def misses_line(misses: tuple[tuple[str, int], ...], trained: int, strength: flo
 
 def base_check(designs: int = GATE_DESIGNS, strengths=(GATE_STRENGTH,), techniques=TRAIN_TECHNIQUES + HELD_OUT,
                weights: str | None = None, round_trip: bool = False, classifier_weights: str | None = None,
-               config: ToyRunConfig | None = None) -> BaseCheck:
+               config: ToyRunConfig | None = None, design_seed: int = BENCH_DESIGN_SEED) -> BaseCheck:
     """How well the base model draws each technique by its own words, no LoRA, same protocol
     (img2img from the benchmark's new designs, "a <subject> in <technique> style"). For the
     training techniques this is the ceiling a one-shot LoRA builds on; for the held-out
@@ -328,7 +329,8 @@ def base_check(designs: int = GATE_DESIGNS, strengths=(GATE_STRENGTH,), techniqu
     table (technique accuracy and HFRD(gt), one row per technique, one column pair per strength),
     the accuracy per technique at the first strength and the misses per new design (BaseCheck).
     ``config``: the runs' sampler settings (steps, CFG, eta) and the new designs' minimum motif
-    (min_motif_cells); default ToyRunConfig(), every design.
+    (min_motif_cells); default ToyRunConfig(), every design. ``design_seed``: where the new designs'
+    seeds start (the benchmark's by default; another start reads the gate on other designs).
 
     ``round_trip``: start from the ground-truth renders of those designs instead, so the model
     only has to keep stitches it is shown, and add a first column with the classifier's accuracy
@@ -344,7 +346,7 @@ def base_check(designs: int = GATE_DESIGNS, strengths=(GATE_STRENGTH,), techniqu
     lines = [header, "|---|" + ("---:|" if round_trip else "") + "---:|---:|" * len(strengths)]
     accuracy, missed, subjects = {}, [0] * designs, []
     for technique in techniques:
-        targets = demo.new_designs(designs, technique, BENCH_DESIGN_SEED, config.min_motif_cells)
+        targets = demo.new_designs(designs, technique, design_seed, config.min_motif_cells)
         subjects = subjects or [t.subject for t in targets]
         renders = torch.cat([t.embroidery for t in targets])
         start = renders if round_trip else torch.cat([t.design for t in targets])
@@ -529,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-check", action="store_true",
                         help="only print the gate: how well the base model draws every technique by its own words, "
                              "how many training techniques each new design's outputs miss, and the verdict")
+    parser.add_argument("--gate-seed", type=int, default=BENCH_DESIGN_SEED,
+                        help="with --base-check: take the gate's new designs from this design seed on "
+                             "(default %(default)s, the benchmark's; another start checks the gate on other designs)")
     parser.add_argument("--round-trip", action="store_true",
                         help="with --base-check: start from the ground-truth renders at low strengths, to see "
                              "whether the base model keeps stitches it is shown")
@@ -541,6 +546,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"not held-out techniques: {unknown}; choose from {HELD_OUT + NEW_KIND_TECHNIQUES}")
     if args.round_trip and not args.base_check:
         parser.error("--round-trip only applies to --base-check")
+    if args.gate_seed != BENCH_DESIGN_SEED and not args.base_check:
+        parser.error("--gate-seed only applies to --base-check (the benchmark's runs keep their designs)")
+    if args.gate_seed <= TRAIN_DESIGN_SEEDS:
+        parser.error(f"--gate-seed must be above {TRAIN_DESIGN_SEEDS}: lower seeds are the base's training designs")
     if args.eta < 0:
         parser.error(f"--eta must be >= 0, got {args.eta}")
     if not args.cfg >= 1:
@@ -555,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         strengths = ROUND_TRIP_STRENGTHS if args.round_trip else (GATE_STRENGTH, 0.9)
         table, accuracy, misses = base_check(gate_designs, strengths,
                                              TRAIN_TECHNIQUES + HELD_OUT + NEW_KIND_TECHNIQUES,
-                                             args.weights, args.round_trip, args.classifier, config)
+                                             args.weights, args.round_trip, args.classifier, config, args.gate_seed)
         print(table)
         if not args.round_trip:
             print("\n" + misses_line(misses, len(TRAIN_TECHNIQUES), strengths[0]))
