@@ -91,8 +91,9 @@ class BaseTrainConfig:
     # Draw the 16 stitch geometries (kind, direction, spacing) equally often: each training
     # technique's weight is divided by how many training techniques share its geometry. Four
     # geometries are trained in one sheen only (their other sheen is a held-out combination), so
-    # a uniform draw shows them half as often as the other twelve, and those four cells are the
-    # gate's weakest (docs/FIDELITY.md, round 7). False: the shipped base's draw.
+    # a uniform draw shows them half as often as the other twelve, and those four cells were the
+    # gate's weakest on rounds 5-6. Measured in docs/FIDELITY.md, rounds 7-8 (against round 5 on
+    # every design it gave nothing). False: the shipped base's draw.
     balance_geometry: bool = False
     # Share of embroideries taught as SDEdit's task: the noisy input is made from the flat design,
     # the target is still its embroidery (the x0 the network's output must denoise to), at
