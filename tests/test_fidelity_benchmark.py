@@ -82,7 +82,7 @@ def test_gate_needs_every_training_and_held_out_technique():
     passed, line = benchmark.gate_verdict(good, designs=2)  # a smoke run's few designs never pass
     assert not passed and "from 2 new designs (fewer than the gate's 12" in line
     assert "DDIM" in line and "ancestral sampling (eta 1)" in benchmark.gate_verdict(good, eta=1.0)[1]
-    assert "CFG 3," in line and "CFG 6," in benchmark.gate_verdict(good, cfg=6.0)[1]
+    assert "CFG 2," in line and "CFG 6," in benchmark.gate_verdict(good, cfg=6.0)[1]
 
 
 def test_base_check_has_a_row_per_technique_and_marks_the_held_out_ones():
@@ -223,7 +223,7 @@ def test_runs_in_several_processes_give_the_numbers_of_one_and_resume_from_the_r
     monkeypatch.setattr(benchmark, "_run_task", no_work)
     again, reused = benchmark.run(*args, jobs=1, runs_dir=str(tmp_path))
     assert reused == 2 and again == one
-    changed = benchmark.ToyRunConfig(**{**benchmark.demo.QUICK, "cfg": 2.0})
+    changed = benchmark.ToyRunConfig(**{**benchmark.demo.QUICK, "cfg": 3.0})
     with pytest.raises(AssertionError, match="ran"):  # other settings: not the same run
         benchmark.run(1, 1, 2, ("knot vertical fine metallic",), changed, jobs=1, runs_dir=str(tmp_path))
     monkeypatch.setattr(benchmark, "code_digest", lambda: "another code")
