@@ -17,10 +17,9 @@ import argparse
 import os
 import sys
 
-import safetensors.torch
 import torch
 
-from toyworld.model import TEXT_PREFIX, UNET_PREFIX, build_toy_model, config_from_json, load_toy_model, read_metadata, save_toy_model
+from toyworld.model import load_toy_model, read_metadata, save_toy_model
 from toyworld.train_base import init_digest
 
 SCRIPT_VERSION = 1
@@ -32,18 +31,16 @@ def average_bases(paths: list[str], out: str) -> str:
     if len(paths) < 2:
         raise ValueError("give two or more base model files to average")
     metas = [read_metadata(p) for p in paths]
-    for p in paths:
-        load_toy_model(p)  # refuses a file that is not a toy base, or one of another VAE
+    models = [load_toy_model(p) for p in paths]  # refuses a file that is not a toy base, or one of another VAE
     for key in _SHARED:
         values = {m.get(key) for m in metas}
         if len(values) > 1:
             raise ValueError(f"the files disagree on {key} ({sorted(map(str, values))}); "
                              "only rounds of one base model can be averaged")
-    states = [safetensors.torch.load_file(p) for p in paths]
-    mean = {k: (sum(s[k].double() for s in states) / len(states)).float() for k in states[0]}
-    unet, encoder = build_toy_model(config_from_json(metas[0]["config"]))
-    unet.load_state_dict({k[len(UNET_PREFIX):]: v for k, v in mean.items() if k.startswith(UNET_PREFIX)})
-    encoder.load_state_dict({k[len(TEXT_PREFIX):]: v for k, v in mean.items() if k.startswith(TEXT_PREFIX)})
+    unet, encoder = models[0]
+    for i, network in enumerate((unet, encoder)):
+        states = [model[i].state_dict() for model in models]
+        network.load_state_dict({k: (sum(s[k].double() for s in states) / len(states)).float() for k in states[0]})
     total = lambda key, fallback: max(float(m.get(key, m.get(fallback, 0))) for m in metas)  # noqa: E731
     meta = {"script": "toyworld.average", "script_version": SCRIPT_VERSION, "prediction": metas[0]["prediction"],
             "torch": torch.__version__,
