@@ -284,14 +284,20 @@ def stylize_loss(current: list[LayerFeatures], content: list[LayerFeatures], sty
                  query_scale: float) -> torch.Tensor:
     """L_RSL + w L_GCL at one timestep: the regional style loss summed over matched pairs and
     layers, plus the content loss summed over layers. ``pairs`` are (content mask, style image,
-    style mask), masks [h, w] at their images' aspect."""
+    style mask), masks [h, w] at their images' aspect. A style region finer than a layer's token
+    grid (a thin outline, a small island: no token left after the nearest resize) adds nothing
+    at that layer and is styled by the layers that see it; with zeroed keys and values its
+    target would be zero, which would push the content region's output to zero instead."""
     loss = current[0].q.new_zeros(())
     for layer, (now, own) in enumerate(zip(current, content)):
         tokens = now.q.shape[1]
         for content_mask, s, style_mask in pairs:
             style = styles[s][layer]
+            style_tokens = token_mask(style_mask, style.k.shape[1])
+            if not style_tokens.any():
+                continue
             loss = loss + regional_style_loss(now.out, now.q, style.k, style.v, token_mask(content_mask, tokens),
-                                              token_mask(style_mask, style.k.shape[1]), now.heads, query_scale)
+                                              style_tokens, now.heads, query_scale)
         loss = loss + content_weight * content_loss(now.q, own.q)
     return loss
 

@@ -101,6 +101,31 @@ def test_regional_loss_is_zero_when_content_and_style_are_the_same_region():
         sg.regional_style_loss(out, q, k, v, mask, torch.zeros(16, dtype=torch.bool), heads=2)
 
 
+def test_a_style_region_finer_than_a_layer_adds_nothing_there_and_is_styled_where_it_is_seen():
+    """A thin style region (one pixel column of an 8 x 8 mask) keeps tokens in a 4 x 4 layer and
+    none in a 2 x 2 one: the coarse layer adds only the content term, the fine one the regional
+    loss, and nothing raises (it did: a benchmark run on a satin reference stopped on it)."""
+    g = torch.Generator().manual_seed(1)
+
+    def layer(tokens):
+        q, k, v, out = (torch.randn(1, tokens, 8, generator=g) for _ in range(4))
+        return sg.LayerFeatures(q, k, v, out, heads=2)
+
+    current, content, style = ([layer(16), layer(4)] for _ in range(3))
+    region = torch.zeros(8, 8, dtype=torch.bool)
+    region[:, 4:] = True
+    thin = torch.zeros(8, 8, dtype=torch.bool)
+    thin[:, 2] = True  # nearest keeps columns 0, 2, 4, 6 at 4 x 4 and 0, 4 at 2 x 2
+    thin_fine, thin_coarse = sg.token_mask(thin, 16), sg.token_mask(thin, 4)
+    assert thin_fine.any() and not thin_coarse.any()
+    loss = sg.stylize_loss(current, content, [style], [(region, 0, thin)], content_weight=0.26, query_scale=1.5)
+    fine = sg.regional_style_loss(current[0].out, current[0].q, style[0].k, style[0].v, sg.token_mask(region, 16),
+                                  thin_fine, 2, 1.5)
+    content_terms = sum(0.26 * sg.content_loss(now.q, own.q) for now, own in zip(current, content))
+    assert float(loss) == pytest.approx(float(fine + content_terms), rel=1e-6)
+    assert float(fine) > 0
+
+
 def test_token_mask_follows_the_layers_grid():
     mask = torch.zeros(64, 128, dtype=torch.bool)
     mask[:, :64] = True
