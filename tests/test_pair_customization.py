@@ -127,3 +127,42 @@ def test_recipe_defaults_fill_in_zero_values():
     mine = recipe.config(rank=8, learning_rate=1e-3, weight_decay=0.0, iterations=5)
     assert (mine.rank, mine.alpha, mine.learning_rate, mine.weight_decay, mine.iterations) == (8, 8.0, 1e-3, 0.0, 5)
     assert recipe.text("emb", "cat") == "A emb"
+
+
+def test_a_run_resumed_from_its_files_ends_where_an_unbroken_run_ends(tiny_unet, tmp_path):
+    """Stopped at step 2 (style step already running, accumulation on) and resumed from the style
+    file and the state beside it, step 3 gives the unbroken run's ups: the content LoRA and AdamW's
+    moments come back from the file. Without the content LoRA the resumed run goes elsewhere."""
+    from embroidery_core.lora_file import load_lora, load_optimizer_state, save_lora, save_optimizer_state
+    from embroidery_core.trainer import export, load_optimizer_state as load_into
+
+    pair = make_pair()
+    config = PairConfig(rank=RANK, alpha=RANK, learning_rate=1e-3, style_start=1, accumulate=2)
+    method = pair_customization(config)
+
+    def run(until, start=0, style=None, state=None, extra=True):
+        adapters = _set(tiny_unet)
+        trainer = Trainer(TorchDenoiser(tiny_unet), adapters, config)
+        if style is not None:
+            adapters.load_style_lora(style)
+            if extra:
+                adapters.load_extra_state(state)
+            load_into(trainer, state)
+            trainer.step = start
+        with installed(tiny_unet, adapters):
+            run_phase(trainer, method.phase(1), pair, until=until)
+        return trainer, adapters
+
+    _, unbroken = run(3)
+    stopped, _ = run(2)
+    lora = export(stopped, "sdxl", method, 1)
+    path = save_lora(lora, tmp_path / "ckpt.safetensors")
+    save_optimizer_state(lora.optimizer_state, path, {})
+    state, _ = load_optimizer_state(path)
+    _, resumed = run(3, 2, load_lora(path), state)
+    for group in ("content", "style"):
+        assert all(torch.allclose(_ups(resumed, group)[n], _ups(unbroken, group)[n], rtol=0, atol=1e-7)
+                   for n in unbroken.names), group
+    _, without_content = run(3, 2, load_lora(path), state, extra=False)
+    assert not all(torch.allclose(_ups(without_content, "content")[n], _ups(unbroken, "content")[n], atol=1e-4)
+                   for n in unbroken.names)

@@ -200,6 +200,16 @@ def test_pair_customization_trains_two_orthogonal_loras_that_load_in_stock_loral
     assert guided is not model and guided.model_options.get("sampler_post_cfg_function")
 
 
+def _relative_distance(a, b) -> float:
+    """|ups of a - ups of b| / |ups of b| over all modules. ComfyUI's CPU model is not bitwise
+    reproducible from call to call (two unbroken runs: about 1e-4, the largest element 5e-6),
+    and AdamW's first steps magnify that noise in gradients near zero, so elementwise atol
+    fails on equal runs; a resume without its content LoRA or its AdamW state lands 0.02-0.7
+    away (measured on 0.3.64)."""
+    num = sum(((a.modules[n].up - b.modules[n].up) ** 2).sum() for n in b.modules)
+    return float((num / sum((b.modules[n].up ** 2).sum() for n in b.modules)) ** 0.5)
+
+
 def test_pair_customization_resumes_with_its_content_lora(pack, sd15, pair, loras_dir):
     """Stopped at step 2 and resumed to 3, it ends where an unbroken 3-step run ends: the content
     LoRA and AdamW's state come from the file beside the checkpoint."""
@@ -212,7 +222,7 @@ def test_pair_customization_resumes_with_its_content_lora(pack, sd15, pair, lora
                                         resume_from=f"embroidery_checkpoints/{checkpoint.name}")
     assert style.metadata["embroidery.step"] == "3" and len(losses["content"]) == 1
     for resumed, unbroken in ((style, unbroken_style), (content, unbroken_content)):
-        assert all(torch.allclose(resumed.modules[n].up, unbroken.modules[n].up, atol=1e-6) for n in resumed.modules)
+        assert _relative_distance(resumed, unbroken) < 1e-3
     os.remove(optimizer_path(checkpoint))
     with pytest.raises(ValueError, match=rf"^{re.escape(PAIR_NODE)}: .* has no training state beside it"):
         train_pair(pack, model, clip, vae, pair, iterations=4, resume_from=f"embroidery_checkpoints/{checkpoint.name}")
