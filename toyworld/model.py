@@ -132,7 +132,8 @@ def load_toy_model(path: str | None = None, device: str | torch.device = "cpu") 
         raise ValueError(f"{path} is not a toy base model (format {meta.get('format')!r}, expected {FORMAT!r})")
     if meta.get("vae_sha256") != vae_digest(load_vae(VAE_WEIGHTS)):
         raise ValueError(f"{path} was trained on another toy VAE than {VAE_WEIGHTS} (its latents would decode "
-                         "to noise); rebuild the VAE with the command in toyworld/vae.py or retrain the base")
+                         "to noise); restore the VAE file this project ships (a VAE rebuilt on another machine "
+                         "can differ in its last bits) or retrain the base on this VAE")
     unet, encoder = build_toy_model(config_from_json(meta["config"]))
     state = safetensors.torch.load_file(path)
     unet.load_state_dict({k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)})

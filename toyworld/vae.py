@@ -19,7 +19,9 @@ SD's VAE does too: a stitch of a few pixels is a per-position code, and its deco
 images that look like images.
 
 Deterministic: the patches come from ``--seed`` and float64 eigen-decomposition; every
-component's sign is fixed (its largest entry positive), so the command rebuilds the same bytes.
+component's sign is fixed (its largest entry positive), so on one machine the command rebuilds
+the same tensors. Another CPU may round the last bits differently (2e-9 at most between the
+shipped file and a rebuild on the build machine of 2026-12-06), and that changes the digest.
 """
 from __future__ import annotations
 
@@ -128,7 +130,7 @@ def load_vae(path: str | None = None) -> ToyVAE:
 
 def vae_digest(vae: ToyVAE) -> str:
     """sha256 of the code's tensors, not of the file: safetensors writes its metadata in another
-    order on every run, so a rebuilt VAE has other bytes but the same digest."""
+    order on every run, so a VAE rebuilt on the same machine has other bytes but the same digest."""
     digest = hashlib.sha256()
     for tensor in (vae.mean, vae.components, vae.spread):
         digest.update(tensor.contiguous().numpy().tobytes())
