@@ -93,8 +93,8 @@ BENCH_MIN_MOTIF_CELLS = 10.0
 MAX_MOTIF_CELLS = 20.0  # a design's motifs cover at most about 40 % of the image
 NEW_KIND_CASE = NEW_KIND_TECHNIQUES[0]  # "chain horizontal fine matte"
 BENCH_TECHNIQUES = HELD_OUT + (NEW_KIND_CASE,)
-METHODS = ("emolora", "emolora_stage1", "emolora_slow2", "blora", "full_lora", "pair_customization", "diffstyler", "stylegallery",
-           "no_lora", "ground_truth")
+METHODS = ("emolora", "emolora_stage1", "emolora_slow2", "blora", "full_lora", "pair_customization", "diffstyler",
+           "stylegallery", "no_lora", "ground_truth")
 PAIR_STYLE_WEIGHT = 4.0  # the paper's w_s
 # Stage 2 at the toy rate (5e-3) turned a stage-1 LoRA reading 0.83 into one reading 0.00 on one
 # benchmark run (knot, reference 0, seed 0) and 0.50 on another (tatami, reference 0, seed 0); at
