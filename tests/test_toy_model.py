@@ -8,6 +8,7 @@ import pytest
 import safetensors
 import torch
 
+from embroidery_core.provenance import arithmetic
 from embroidery_core.tiny_unet import TinyUNet
 from toyworld import HELD_OUT, TECHNIQUES, TRIGGER, VOCAB
 from toyworld.generator import PROMPT_LENGTH
@@ -106,6 +107,7 @@ def test_minutes_cap_writes_the_checkpoint_and_the_same_command_continues(tmp_pa
     assert not os.path.exists(out) and os.path.exists(train_base.checkpoint_path(out))
     assert train_base.main(args) == 0
     assert read_metadata(out)["steps"] == "2" and not os.path.exists(train_base.checkpoint_path(out))
+    assert read_metadata(out)["built_on"] == arithmetic()  # where the file rebuilds bit for bit
 
 
 def test_device_cpu_writes_the_same_bytes_and_an_absent_or_unknown_device_is_refused(tmp_path, capsys):
@@ -346,6 +348,17 @@ def test_classifier_is_small_and_reads_fresh_renders():
     hits = clf.attribute_hits(["knot vertical coarse matte", "design"], "knot horizontal coarse metallic", 2)
     assert hits == [1.0, 0.0]  # spacing right; a flat design has no attributes
     assert clf.attribute_hits(["knot vertical coarse matte"], "knot horizontal coarse metallic", 3) == [0.0]
+
+
+def test_the_vae_and_classifier_commands_name_the_arithmetic_they_ran_on(tmp_path):
+    from toyworld import vae
+
+    vae_file, clf_file = str(tmp_path / "vae.safetensors"), str(tmp_path / "clf.safetensors")
+    assert vae.main(["--out", vae_file, "--images", "4"]) == 0
+    assert clf.main(["--out", clf_file, "--steps", "1", "--threads", "1"]) == 0
+    with safetensors.safe_open(vae_file, framework="pt") as f:
+        assert f.metadata()["built_on"] == arithmetic()
+    assert read_metadata(clf_file)["built_on"] == arithmetic()
 
 
 def test_classifier_training_is_reproducible():

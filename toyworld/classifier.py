@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embroidery_core.files import atomic_path
+from embroidery_core.provenance import arithmetic
 from .generator import SPACINGS, TECHNIQUES, attributes, make_design, render_embroidery
 from .model import IMAGE_SIZE, read_metadata
 from .train_base import TRAIN_DESIGN_SEEDS
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     model = train(config)
     save_classifier(args.out, model, {"config": json.dumps(asdict(config), sort_keys=True), "seed": config.seed,
-                                      "steps": config.steps, "script_version": SCRIPT_VERSION,
+                                      "steps": config.steps, "script_version": SCRIPT_VERSION, "built_on": arithmetic(),
                                       "train_minutes": f"{(time.monotonic() - start) / 60:.1f}"})
     log.info("saved %s", args.out)
     return 0

@@ -52,6 +52,7 @@ import torch
 
 from embroidery_core.diffusion import TorchDenoiser, add_noise, diffusion_loss, target
 from embroidery_core.files import atomic_path
+from embroidery_core.provenance import arithmetic
 from embroidery_core.tiny_unet import TinyUNetConfig
 from .generator import ATTRIBUTES, TRAIN_TECHNIQUES, make_design, render_embroidery
 from .model import IMAGE_SIZE, TOY_UNET, UNCOND, build_toy_model, load_toy_model, read_metadata, save_toy_model, to_latent
@@ -555,10 +556,11 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"prediction": config.prediction, "seed": config.seed, "steps": step, "script": "toyworld.train_base",
                 "script_version": SCRIPT_VERSION, "train_config": config_json(config),
                 "torch": torch.__version__, "threads": config.threads, "train_minutes": f"{minutes:.1f}",
+                "built_on": arithmetic(),
                 "final_loss": f"{history[-1]:.5f}" if history else "nan"}
         if args.workers:  # the default stream's files keep the metadata they always had
             meta["data_stream"] = "per_step"
-        if args.device != "cpu":  # a CPU file keeps the metadata it always had, so it rebuilds byte-identically
+        if args.device != "cpu":  # a CPU file's metadata names no device, so both runs of a CPU command agree
             meta["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
         if args.init:  # the chain of rounds: this one's start, and the steps and minutes of all so far
             meta.update(init=f"{os.path.basename(args.init)} ({config.init})",

@@ -38,6 +38,8 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
+from embroidery_core.provenance import arithmetic
+
 from embroidery_core.files import atomic_path
 
 PATCH = 4  # pixels a latent position covers per side
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = explained(images, vae)
     log.info("%d components keep %.2f %% of the patch variance of %d images", args.channels, 100 * kept, args.images)
     save_vae(args.out, vae, {"script_version": SCRIPT_VERSION, "images": args.images, "seed": args.seed,
-                             "channels": args.channels, "explained": f"{kept:.4f}"})
+                             "channels": args.channels, "explained": f"{kept:.4f}", "built_on": arithmetic()})
     log.info("wrote %s", args.out)
     return 0
 
