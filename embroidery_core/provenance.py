@@ -39,8 +39,10 @@ def cpu_name() -> str:
 def arithmetic() -> str:
     """What a float computation's last bits depend on beyond its code, inputs and thread count:
     the CPU, the vector instructions torch's kernels chose on it, and the torch and numpy builds.
-    Two runs of a training command agree bit for bit only where this string agrees (measured:
-    the same command under AVX512 and AVX2 kernels on one machine gives other weights)."""
+    Where it agrees, two runs of a training command (same code, inputs, threads) are expected to
+    agree bit for bit; where it differs they can differ (measured: the same command under
+    torch's AVX512 and AVX2 kernels on one machine gives other weights). It is a record, not a
+    proof: a difference it does not name (another machine's libraries) can still change bits."""
     import numpy
     import torch
 

@@ -1,4 +1,5 @@
-"""The commit a benchmark report names: HEAD's hash and whether tracked files were changed."""
+"""The commit a benchmark report names (HEAD's hash and whether tracked files were changed) and the
+arithmetic a toy build file names."""
 import os
 import shutil
 import subprocess

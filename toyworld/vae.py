@@ -38,9 +38,8 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from embroidery_core.provenance import arithmetic
-
 from embroidery_core.files import atomic_path
+from embroidery_core.provenance import arithmetic
 
 PATCH = 4  # pixels a latent position covers per side
 PATCH_VALUES = 3 * PATCH * PATCH
