@@ -51,3 +51,27 @@ def test_demo_refuses_an_unusable_output_folder_before_training(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "pass a writable --out" in done.stderr
     assert "stage 1" not in done.stdout and time.monotonic() - start < 30
+
+
+def test_stage2_trains_at_its_own_rate_and_without_one_at_stage_1s():
+    """Train Stage 2 has its own learning-rate input; the toy run's stage2_learning_rate is that
+    input (the benchmark's slow-stage-2 row), and None keeps the paper's one rate."""
+    import dataclasses
+
+    from embroidery_core import keys
+    from toyworld import demo
+    from toyworld.model import load_toy_model
+
+    unet, encoder = load_toy_model()
+    config = demo.ToyRunConfig(**{**QUICK, "stage1_iterations": 2, "stage2_iterations": 1, "sample_steps": 2})
+    reference = demo.make_reference(demo.HELD_OUT[0], 0)
+    pair = demo.pair_latents(encoder, reference.design, reference.embroidery, reference.subject)
+    style = ["input_blocks.1.1"]
+    stage1 = demo.train_stage1(unet, pair, config, style)
+    _, _, generated = demo.generate_pairs(unet, encoder, stage1, demo.STAGE2_SUBJECTS[:1], config)
+    rate = lambda lora: float(lora.metadata[keys.config_key("learning_rate")])  # noqa: E731
+    assert rate(stage1) == config.learning_rate
+    assert rate(demo.train_stage2(unet, pair, stage1, generated, config)) == config.learning_rate
+    slow = dataclasses.replace(config, stage2_learning_rate=1e-3)
+    assert rate(demo.train_stage2(unet, pair, stage1, generated, slow)) == 1e-3
+    assert rate(demo.train_stage1(unet, pair, slow, style)) == config.learning_rate  # stage 1 keeps its own

@@ -175,7 +175,7 @@ def run_one(unet, encoder, classifier, technique: str, reference_seed: int, seed
     _, _, generated = timed("emolora", lambda: demo.generate_pairs(unet, encoder, stage1, STAGE2_SUBJECTS, config))
     stage2 = timed("emolora", lambda: demo.train_stage2(unet, pair, stage1, generated, config))
     outputs["emolora"] = demo.stylize(unet, encoder, designs, subjects, config, stage2, style, seed)
-    slow = dataclasses.replace(config, learning_rate=STAGE2_SLOW_RATE)
+    slow = dataclasses.replace(config, stage2_learning_rate=STAGE2_SLOW_RATE)
     slow2 = timed("emolora_slow2", lambda: demo.train_stage2(unet, pair, stage1, generated, slow))
     outputs["emolora_slow2"] = demo.stylize(unet, encoder, designs, subjects, config, slow2, style, seed)
 

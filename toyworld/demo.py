@@ -44,7 +44,8 @@ from embroidery_core.lora_file import StyleLoRA
 from embroidery_core.pair import design_prompt, embroidery_prompt
 from embroidery_core import keys
 from embroidery_core.methods import EMOLORA, EmoLoRAConfig, train_emolora
-from embroidery_core.trainer import PairLatents, Trainer, export, load_optimizer_state, resume_point, run_phase
+from embroidery_core.trainer import (PairLatents, Trainer, config_metadata, export, load_optimizer_state, resume_point,
+                                     run_phase)
 from .generator import (ATTRIBUTES, DESIGN_COLOURS, HELD_OUT, PALETTE, REFERENCE_COLOURS, TRIGGER, make_design,
                         motif_cells, sample_pair)
 from .model import IMAGE_SIZE, load_toy_model, to_latent, toy_denoiser
@@ -80,6 +81,8 @@ class ToyRunConfig:
     rank: int = 8
     alpha: float = 8.0
     learning_rate: float = 5e-3
+    # Stage 2's own rate, as Train Stage 2 has its own input; None: stage 1's, as the paper runs both
+    stage2_learning_rate: float | None = None
     seed: int = 42
     sample_steps: int = 20  # DDIM steps, generated pairs and inference
     # CFG 2: at 3 and above the base draws the held-out vertical knot as a horizontal stitch more
@@ -94,8 +97,9 @@ class ToyRunConfig:
     min_motif_cells: float = 0.0
     stylegallery_preset: str = "standard"  # the benchmark's training-free row: "standard" or "fast"
 
-    def emolora(self) -> EmoLoRAConfig:
-        return EmoLoRAConfig(rank=self.rank, alpha=self.alpha, learning_rate=self.learning_rate,
+    def emolora(self, stage: int = 1) -> EmoLoRAConfig:
+        rate = self.stage2_learning_rate if stage == 2 and self.stage2_learning_rate is not None else self.learning_rate
+        return EmoLoRAConfig(rank=self.rank, alpha=self.alpha, learning_rate=rate,
                              stage1_iterations=self.stage1_iterations, stage2_iterations=self.stage2_iterations,
                              seed=self.seed)
 
@@ -209,8 +213,8 @@ def generate_pairs(unet, encoder, lora: StyleLoRA, subjects, config: ToyRunConfi
 def train_stage2(unet, pair: PairLatents, stage1: StyleLoRA, generated: list[PairLatents],
                  config: ToyRunConfig, on_step=None) -> StyleLoRA:
     """EmbroideryTrainStage2's core: the stage-1 LoRA in a fresh adapter set, stage 1's AdamW
-    state, then stage 2."""
-    emo = config.emolora()
+    state, then stage 2 at its own rate (ToyRunConfig.stage2_learning_rate)."""
+    emo = config.emolora(stage=2)
     _, start = resume_point(stage1, EMOLORA)
     adapters = AdapterSet.from_style_lora(unet, stage1, seed=emo.seed)
     trainer = Trainer(toy_denoiser(unet), adapters, emo, step=start)
@@ -218,7 +222,8 @@ def train_stage2(unet, pair: PairLatents, stage1: StyleLoRA, generated: list[Pai
         load_optimizer_state(trainer, stage1.optimizer_state)
     with installed(unet, adapters):
         run_phase(trainer, EMOLORA.phase(2), pair, start + emo.stage2_iterations, generated, on_step)
-    return export(trainer, ARCH, EMOLORA, 2, stage1.metadata)
+    # stage 1's file, with stage 2's own config over stage 1's (the node's stage-2 file records its own)
+    return export(trainer, ARCH, EMOLORA, 2, {**stage1.metadata, **config_metadata(emo)})
 
 
 # --- evaluation ------------------------------------------------------------------------------
