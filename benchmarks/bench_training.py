@@ -583,10 +583,12 @@ def add_ratios(ours: list[Row], theirs: list[Row]) -> None:
 
 def environment(device: torch.device, backend: str, comfy_version: str | None) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"backend": backend, "device": str(device), "gpu": gpu, "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+    provenance = pack("embroidery_core.provenance")
+    return {"backend": backend, "device": str(device), "gpu": gpu, "cpu": provenance.cpu_name(),
+            "arithmetic": provenance.arithmetic(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version(),
             "comfyui": comfy_version, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "threads": torch.get_num_threads(), **pack("embroidery_core.provenance").git_commit(ROOT)}
+            "threads": torch.get_num_threads(), **provenance.git_commit(ROOT)}
 
 
 def table(rows: list[Row]) -> str:

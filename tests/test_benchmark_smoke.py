@@ -46,6 +46,8 @@ def test_smoke_says_what_it_skipped_and_records_the_environment(smoke):
     env = data["env"]
     assert env["backend"] == "core" and env["torch"] and env["date"]
     assert "commit" in env and "gpu" in env
+    from embroidery_core.provenance import arithmetic
+    assert env["arithmetic"] == arithmetic() and env["cpu"] in env["arithmetic"]  # where its numbers rebuild
 
 
 def test_full_run_without_comfyui_fails_early_with_the_fix(monkeypatch, capsys):

@@ -26,10 +26,11 @@ reference and turns the same M new designs (never in those colours) into embroid
 Methods:
 
 - ``emolora``: style blocks chosen by EmoLoRA's block metric on the base and the pair, stage 1 +
-  stage 2, inference with those style blocks (ToyRunConfig defaults).
+  stage 2, inference with those style blocks (ToyRunConfig defaults: stage 2 at its own rate,
+  a fifth of stage 1's, as Train Stage 2's own learning-rate input allows).
 - ``emolora_stage1``: the same run's stage-1 LoRA (the "no stage 2" ablation).
-- ``emolora_slow2``: the same stage-1 LoRA and generated pairs, stage 2 at STAGE2_SLOW_RATE
-  (a fifth of the toy rate; Train Stage 2 has its own learning-rate input for this).
+- ``emolora_one_rate``: the same stage-1 LoRA and generated pairs, stage 2 at stage 1's rate, as
+  the paper runs both stages.
 - ``blora``: B-LoRA, output_blocks.0.1 (content) + 1.1 (style) in SDXL's names, trained jointly on
   the reference with one prompt for as many iterations as EmoLoRA's two stages; inference with
   its style block, as B-LoRA stylises.
@@ -60,7 +61,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from typing import NamedTuple
@@ -72,7 +72,7 @@ from embroidery_core.files import write_text
 from embroidery_core.lora_file import StyleLoRA
 from embroidery_core.methods import LoRAConfig, PairConfig, train_lora, train_pair
 from embroidery_core.pair import design_prompt, embroidery_prompt
-from embroidery_core.provenance import git_commit
+from embroidery_core.provenance import arithmetic, git_commit
 from embroidery_core.trainer import PairLatents
 from embroidery_core.stylegallery import StylizeConfig
 from . import demo, gallery
@@ -93,16 +93,12 @@ BENCH_MIN_MOTIF_CELLS = 10.0
 MAX_MOTIF_CELLS = 20.0  # a design's motifs cover at most about 40 % of the image
 NEW_KIND_CASE = NEW_KIND_TECHNIQUES[0]  # "chain horizontal fine matte"
 BENCH_TECHNIQUES = HELD_OUT + (NEW_KIND_CASE,)
-METHODS = ("emolora", "emolora_stage1", "emolora_slow2", "blora", "full_lora", "pair_customization", "diffstyler",
+METHODS = ("emolora", "emolora_stage1", "emolora_one_rate", "blora", "full_lora", "pair_customization", "diffstyler",
            "stylegallery", "no_lora", "ground_truth")
 PAIR_STYLE_WEIGHT = 4.0  # the paper's w_s
-# Stage 2 at the toy rate (5e-3) turned a stage-1 LoRA reading 0.83 into one reading 0.00 on one
-# benchmark run (knot, reference 0, seed 0) and 0.50 on another (tatami, reference 0, seed 0); at
-# 1e-3 both kept 0.83 (docs/FIDELITY.md). Chosen on those two runs, so the row is reported beside
-# the paper's single rate, not instead of it.
-STAGE2_SLOW_RATE = 1e-3
-LABELS = {"emolora": "EmoLoRA (stage 1 + 2)", "emolora_stage1": "EmoLoRA, no stage 2",
-          "emolora_slow2": f"EmoLoRA, stage 2 at {STAGE2_SLOW_RATE:g}",
+LABELS = {"emolora": f"EmoLoRA (stage 2 at {ToyRunConfig().stage2_learning_rate:g})",
+          "emolora_stage1": "EmoLoRA, no stage 2",
+          "emolora_one_rate": f"EmoLoRA, one rate ({ToyRunConfig().learning_rate:g}, the paper's way)",
           "pair_customization": "Pair Customization (w_s 4)", "diffstyler": "DiffStyler (full LoRA, inverted design)",
           "stylegallery": "StyleGallery (training-free)",
           "blora": "B-LoRA (out 0.1 + 1.1)", "full_lora": "Full LoRA (all attention)", "no_lora": "No LoRA",
@@ -175,9 +171,9 @@ def run_one(unet, encoder, classifier, technique: str, reference_seed: int, seed
     _, _, generated = timed("emolora", lambda: demo.generate_pairs(unet, encoder, stage1, STAGE2_SUBJECTS, config))
     stage2 = timed("emolora", lambda: demo.train_stage2(unet, pair, stage1, generated, config))
     outputs["emolora"] = demo.stylize(unet, encoder, designs, subjects, config, stage2, style, seed)
-    slow = dataclasses.replace(config, stage2_learning_rate=STAGE2_SLOW_RATE)
-    slow2 = timed("emolora_slow2", lambda: demo.train_stage2(unet, pair, stage1, generated, slow))
-    outputs["emolora_slow2"] = demo.stylize(unet, encoder, designs, subjects, config, slow2, style, seed)
+    one_rate = dataclasses.replace(config, stage2_learning_rate=None)
+    paper = timed("emolora_one_rate", lambda: demo.train_stage2(unet, pair, stage1, generated, one_rate))
+    outputs["emolora_one_rate"] = demo.stylize(unet, encoder, designs, subjects, config, paper, style, seed)
 
     blora_blocks = arch.preset("blora_content") + arch.preset("blora_style")
     blora = timed("blora", lambda: train_single_prompt(unet, pair, blora_blocks, iterations, config))
@@ -480,7 +476,7 @@ def results_block(runs: list[dict], args, minutes: float, gate_table: str, gate_
              f"- Command: `{command}`",
              f"- Date: {datetime.date.today().isoformat()}; commit: `{git_commit()['commit'] or 'unknown'}` (plus the "
              "working tree of this change); torch " + torch.__version__
-             + f"; {platform.machine()} CPU, {torch.get_num_threads()} thread(s).",
+             + f"; arithmetic {arithmetic()}, {torch.get_num_threads()} thread(s).",
              f"- Size: {len(techniques)} technique(s) x {args.refs} reference(s) x {args.seeds} seed(s) = "
              f"{len(runs)} runs, each turning the same {args.designs} new designs; wall clock {minutes:.1f} min"
              + (f" in this invocation ({reused} runs read back from an earlier one's --runs-dir)." if reused else "."),
